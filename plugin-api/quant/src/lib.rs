@@ -1,0 +1,3 @@
+//! Quantization primitives shared by gs-host and every plugin.
+pub mod scheme;
+pub use scheme::*;
