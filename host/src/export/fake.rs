@@ -1,0 +1,876 @@
+//! The `fake` export: a checkpoint laid out exactly like the source, with some tensors' values
+//! replaced (e.g. by their quantize-dequantize result), loadable by any safetensors reader.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::ExportError;
+use super::staging::Staging;
+use crate::model::{encode_header, f32_to_dtype_bytes, HeaderTensor, Model, Weights, INDEX_FILE};
+
+/// Entries of the source directory that are never copied: version-control data is not part
+/// of a checkpoint (and for LFS repositories would duplicate the weights).
+const SKIPPED_ENTRIES: &[&str] = &[".git"];
+
+/// Result of a finished export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// The committed output directory (absolute).
+    pub output: PathBuf,
+    /// Shard files written.
+    pub shards: usize,
+    /// Tensors written in total.
+    pub tensors: usize,
+    /// Tensors whose values were replaced.
+    pub replaced: usize,
+    /// Sum of tensor bytes (the index's `total_size`).
+    pub tensor_bytes: u64,
+    /// Other files copied from the source, relative to the output.
+    pub copied_files: Vec<PathBuf>,
+    /// Files added with [`FakeQuantExport::add_file`], relative to the output.
+    pub added_files: Vec<PathBuf>,
+}
+
+/// Where a shard goes in the staging directory.
+#[derive(Debug)]
+struct ShardPlan {
+    path: PathBuf,
+    /// Offset of the data section in the output file (the header may differ in length from
+    /// the source's when `__metadata__` gains a `format`).
+    data_start: u64,
+}
+
+/// Writes a fake-quantized copy of a model: same tensor names, dtypes, shapes, shard files and
+/// index as the source, with the values of [`replace`](FakeQuantExport::replace)d tensors
+/// converted to each tensor's source dtype, and every other tensor copied byte for byte.
+///
+/// Memory stays bounded by one tensor: `begin` lays out every output shard at its final size
+/// (header written, data section sparse) in a staging directory, `replace` writes a tensor's
+/// converted bytes straight to its final offset, and `finish` fills in the untouched tensors
+/// from the source's memory map. Nothing appears at the output path until `finish` commits;
+/// dropping the export discards everything.
+#[derive(Debug)]
+pub struct FakeQuantExport<'m> {
+    model: &'m Model,
+    staging: Staging,
+    shards: Vec<ShardPlan>,
+    replaced: BTreeSet<String>,
+    added: BTreeSet<PathBuf>,
+}
+
+impl<'m> FakeQuantExport<'m> {
+    /// Starts an export of `model` to `output` (see [`Staging::begin`] for what is refused and
+    /// what `force` allows) and lays out the output shards.
+    pub fn begin(model: &'m Model, output: &Path, force: bool) -> Result<Self, ExportError> {
+        let staging = Staging::begin(output, &model.dir, force)?;
+        let mut shards = Vec::with_capacity(model.weights.shards().len());
+        for shard in model.weights.shards() {
+            let header = shard.header();
+            let has_format = header.metadata.iter().any(|(k, _)| k == "format");
+            // transformers refuses safetensors files without `format`; keep the source's header
+            // verbatim when it has one, so an untouched shard comes out byte-identical.
+            let header_bytes = if has_format {
+                shard.header_bytes().to_vec()
+            } else {
+                let mut metadata = header.metadata.clone();
+                metadata.push(("format".to_string(), "pt".to_string()));
+                let tensors: Vec<HeaderTensor> = header.tensors.clone();
+                encode_header(&metadata, &tensors)
+            };
+            let data_len = (shard.file_len() - header.data_start()) as u64;
+            let path = staging.path().join(shard.file_name());
+            let mut file = File::create(&path).map_err(ExportError::io("create", &path))?;
+            file.write_all(&header_bytes)
+                .map_err(ExportError::io("write", &path))?;
+            file.set_len(header_bytes.len() as u64 + data_len)
+                .map_err(ExportError::io("size", &path))?;
+            shards.push(ShardPlan {
+                path,
+                data_start: header_bytes.len() as u64,
+            });
+        }
+        tracing::info!(
+            source = %model.dir.display(),
+            output = %staging.output().display(),
+            shards = shards.len(),
+            "fake-quant export started"
+        );
+        Ok(FakeQuantExport {
+            model,
+            staging,
+            shards,
+            replaced: BTreeSet::new(),
+            added: BTreeSet::new(),
+        })
+    }
+
+    /// The final output path.
+    pub fn output(&self) -> &Path {
+        self.staging.output()
+    }
+
+    /// Sets the values of tensor `name` (row-major, `shape` of the source tensor), stored in
+    /// the source dtype (BF16/F16 rounded to nearest even).
+    ///
+    /// Errors: unknown tensor, `values.len()` different from the element count, a source dtype
+    /// other than BF16/F16/F32, a tensor already replaced, or an I/O error.
+    pub fn replace(&mut self, name: &str, values: &[f32]) -> Result<(), ExportError> {
+        if self.replaced.contains(name) {
+            return Err(ExportError::AlreadyReplaced {
+                tensor: name.to_string(),
+            });
+        }
+        let info = self
+            .model
+            .weights
+            .info(name)
+            .map_err(|_| ExportError::UnknownTensor {
+                tensor: name.to_string(),
+                model_dir: self.model.dir.clone(),
+            })?;
+        if !info.dtype().converts_to_f32() {
+            return Err(ExportError::UnsupportedDType {
+                tensor: name.to_string(),
+                dtype: info.dtype(),
+            });
+        }
+        if values.len() != info.numel() {
+            return Err(ExportError::LengthMismatch {
+                tensor: name.to_string(),
+                shape: info.shape().to_vec(),
+                expected: info.numel(),
+                found: values.len(),
+            });
+        }
+        let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+        if non_finite > 0 {
+            tracing::warn!(
+                tensor = name,
+                count = non_finite,
+                "replacement values include NaN or infinity"
+            );
+        }
+        let bytes = f32_to_dtype_bytes(values, info.dtype()).map_err(|_| {
+            ExportError::UnsupportedDType {
+                tensor: name.to_string(),
+                dtype: info.dtype(),
+            }
+        })?;
+        let plan = &self.shards[info.shard_index()];
+        let offset = plan.data_start + info.data_offsets().0 as u64;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&plan.path)
+            .map_err(ExportError::io("open", &plan.path))?;
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(&bytes))
+            .map_err(ExportError::io("write", &plan.path))?;
+        self.replaced.insert(name.to_string());
+        tracing::debug!(tensor = name, dtype = %info.dtype(), bytes = bytes.len(), "tensor replaced");
+        Ok(())
+    }
+
+    /// Whether `name` has been replaced.
+    pub fn is_replaced(&self, name: &str) -> bool {
+        self.replaced.contains(name)
+    }
+
+    /// Writes an extra file into the output (e.g. a provenance JSON). `name` is a relative
+    /// path (sub-directories allowed, created as needed). It takes precedence over a source
+    /// file of the same path, which is then not copied. Refused: absolute paths, `..`, the
+    /// index and any `*.safetensors` name at the top level, and a name added twice.
+    pub fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
+        let invalid = |reason| ExportError::InvalidExtraFile {
+            name: name.to_string(),
+            reason,
+        };
+        let rel = Path::new(name);
+        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(invalid("it must be a relative path without \"..\""));
+        }
+        let rel = rel.components().collect::<PathBuf>();
+        // Top-level weights files are the export's own (and stray ones would be taken for
+        // shards by loaders).
+        if rel.components().count() == 1 && (name == INDEX_FILE || name.ends_with(".safetensors")) {
+            return Err(invalid(
+                "top-level *.safetensors and index files are written by the export itself",
+            ));
+        }
+        if self.added.contains(&rel) {
+            return Err(invalid("it was already added"));
+        }
+        let path = self.staging.path().join(&rel);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(ExportError::io("create", parent))?;
+        }
+        fs::write(&path, bytes).map_err(ExportError::io("write", &path))?;
+        self.added.insert(rel);
+        Ok(())
+    }
+
+    /// Completes the output: copies the tensors that were not replaced, writes the index (if
+    /// the source is sharded, with `metadata.total_size` recomputed), copies every other file
+    /// of the source directory (recursively; not the shards, the index, other `*.safetensors`
+    /// files at the top level, or `.git`), checks the result opens with the source's layout,
+    /// and commits it to the output path.
+    pub fn finish(self) -> Result<ExportSummary, ExportError> {
+        let weights = &self.model.weights;
+        for (shard, plan) in weights.shards().iter().zip(&self.shards) {
+            self.fill_shard(shard, plan)?;
+        }
+        if weights.is_sharded() {
+            self.write_index(weights)?;
+        }
+        let mut copied = Vec::new();
+        self.copy_other_files(&self.model.dir, Path::new(""), 0, &mut copied)?;
+        self.verify()?;
+
+        let replaced = self.replaced.len();
+        let added_files: Vec<PathBuf> = self.added.iter().cloned().collect();
+        let shards = self.shards.len();
+        let output = self.staging.commit()?;
+        tracing::info!(
+            output = %output.display(),
+            tensors = weights.len(),
+            replaced,
+            copied_files = copied.len(),
+            "fake-quant export finished"
+        );
+        Ok(ExportSummary {
+            output,
+            shards,
+            tensors: weights.len(),
+            replaced,
+            tensor_bytes: weights.total_bytes(),
+            copied_files: copied,
+            added_files,
+        })
+    }
+
+    /// Writes the source bytes of every non-replaced tensor of one shard.
+    fn fill_shard(&self, shard: &crate::model::Shard, plan: &ShardPlan) -> Result<(), ExportError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&plan.path)
+            .map_err(ExportError::io("open", &plan.path))?;
+        let mut out = BufWriter::with_capacity(8 << 20, file);
+        // Position of `out`, to seek only across replaced tensors.
+        let mut pos: Option<u64> = None;
+        for name in shard.tensor_names() {
+            if self.replaced.contains(name) {
+                continue;
+            }
+            let info = self.model.weights.info(name)?;
+            let offset = plan.data_start + info.data_offsets().0 as u64;
+            if pos != Some(offset) {
+                out.seek(SeekFrom::Start(offset))
+                    .map_err(ExportError::io("seek in", &plan.path))?;
+            }
+            let bytes = self.model.weights.raw_bytes(name)?;
+            out.write_all(bytes)
+                .map_err(ExportError::io("write", &plan.path))?;
+            pos = Some(offset + bytes.len() as u64);
+        }
+        out.flush().map_err(ExportError::io("write", &plan.path))?;
+        Ok(())
+    }
+
+    fn write_index(&self, weights: &Weights) -> Result<(), ExportError> {
+        let mut metadata = weights.index_metadata().cloned().unwrap_or_default();
+        metadata.insert("total_size".to_string(), Value::from(weights.total_bytes()));
+        let mut weight_map = Map::new();
+        for (name, info) in weights.iter() {
+            let shard = weights.shards()[info.shard_index()].file_name();
+            weight_map.insert(name.to_string(), Value::from(shard));
+        }
+        let mut root = Map::new();
+        root.insert("metadata".to_string(), Value::Object(metadata));
+        root.insert("weight_map".to_string(), Value::Object(weight_map));
+        let mut text = serde_json::to_string_pretty(&Value::Object(root))
+            .map_err(|e| ExportError::Verification(format!("cannot serialize the index: {e}")))?;
+        text.push('\n');
+        let path = self.staging.path().join(INDEX_FILE);
+        fs::write(&path, text).map_err(ExportError::io("write", &path))
+    }
+
+    /// Copies `src_dir` (at `rel` below the model directory) into the staging directory.
+    fn copy_other_files(
+        &self,
+        src_dir: &Path,
+        rel: &Path,
+        depth: usize,
+        copied: &mut Vec<PathBuf>,
+    ) -> Result<(), ExportError> {
+        // Guards against symlink cycles; real checkpoints are a level or two deep.
+        const MAX_DEPTH: usize = 32;
+        if depth > MAX_DEPTH {
+            return Err(ExportError::Io {
+                action: "copy",
+                path: src_dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "directories nested more than {MAX_DEPTH} deep (symlink loop?)"
+                )),
+            });
+        }
+        let mut entries: Vec<_> = fs::read_dir(src_dir)
+            .map_err(ExportError::io("list", src_dir))?
+            .collect::<Result<_, _>>()
+            .map_err(ExportError::io("list", src_dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        let shard_names: BTreeSet<&str> = self
+            .model
+            .weights
+            .shards()
+            .iter()
+            .map(|s| s.file_name())
+            .collect();
+        for entry in entries {
+            let file_name = entry.file_name();
+            let name = file_name.to_string_lossy();
+            let src = entry.path();
+            let rel_path = rel.join(&file_name);
+            if depth == 0 {
+                if shard_names.contains(name.as_ref()) || name == INDEX_FILE {
+                    continue;
+                }
+                if name.ends_with(".safetensors") {
+                    tracing::warn!(file = %src.display(), "not copying a safetensors file that is not part of the loaded checkpoint");
+                    continue;
+                }
+                if SKIPPED_ENTRIES.contains(&name.as_ref()) {
+                    tracing::info!(path = %src.display(), "not copying");
+                    continue;
+                }
+            }
+            if self.added.contains(&rel_path) {
+                tracing::info!(file = %rel_path.display(), "source file replaced by an added file");
+                continue;
+            }
+            // Follows symlinks: Hugging Face cache snapshots are symlinks into a blob store.
+            let meta = fs::metadata(&src).map_err(ExportError::io("access", &src))?;
+            let dst = self.staging.path().join(&rel_path);
+            if meta.is_dir() {
+                fs::create_dir_all(&dst).map_err(ExportError::io("create", &dst))?;
+                self.copy_other_files(&src, &rel_path, depth + 1, copied)?;
+            } else if meta.is_file() {
+                copy_contents(&src, &dst)?;
+                copied.push(rel_path);
+            } else {
+                tracing::warn!(path = %src.display(), "not copying a special file");
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-opens the staged weights and checks names, dtypes, shapes and shard files match the
+    /// source (headers only; cheap).
+    fn verify(&self) -> Result<(), ExportError> {
+        let src = &self.model.weights;
+        let out = Weights::open(self.staging.path())
+            .map_err(|e| ExportError::Verification(e.to_string()))?;
+        if out.len() != src.len() || out.is_sharded() != src.is_sharded() {
+            return Err(ExportError::Verification(format!(
+                "{} tensors written, the source has {}",
+                out.len(),
+                src.len()
+            )));
+        }
+        for ((name, a), (out_name, b)) in src.iter().zip(out.iter()) {
+            let same_shard = src.shards()[a.shard_index()].file_name()
+                == out.shards()[b.shard_index()].file_name();
+            if name != out_name
+                || a.dtype() != b.dtype()
+                || a.shape() != b.shape()
+                || a.data_offsets() != b.data_offsets()
+                || !same_shard
+            {
+                return Err(ExportError::Verification(format!(
+                    "tensor \"{name}\" differs from the source in the written output"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies file contents only: permissions are not carried over (a read-only source file
+/// should not make the output read-only).
+fn copy_contents(src: &Path, dst: &Path) -> Result<(), ExportError> {
+    let mut input = File::open(src).map_err(ExportError::io("open", src))?;
+    let mut output = File::create(dst).map_err(ExportError::io("create", dst))?;
+    std::io::copy(&mut input, &mut output).map_err(ExportError::io("copy to", dst))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::model::testutil::{values, write_model, Spec, STORIES};
+    use crate::model::{DType, ModelConfig};
+
+    /// sha256 of every file under `dir`, by relative path.
+    fn digests(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+            for e in fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    let d = Sha256::digest(fs::read(&p).unwrap()).to_vec();
+                    out.insert(p.strip_prefix(root).unwrap().to_path_buf(), d);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(dir, dir, &mut out);
+        out
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn bf16_round(v: &[f32]) -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    }
+
+    /// A source model in `<root>/src`.
+    fn source(spec: &Spec) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src");
+        fs::create_dir(&src).unwrap();
+        write_model(&src, spec);
+        (root, src)
+    }
+
+    #[test]
+    fn round_trip_two_shard_bf16() {
+        let spec = Spec::two_shards_bf16().with_raw(
+            "model.step",
+            DType::I64,
+            &[1],
+            7i64.to_le_bytes().to_vec(),
+            1,
+        );
+        let (root, src) = source(&spec);
+        let before = digests(&src);
+        let model = Model::open(&src).unwrap();
+        let out = root.path().join("out/fake");
+
+        let replaced = [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.embed_tokens.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ];
+        let mut export = FakeQuantExport::begin(&model, &out, false).unwrap();
+        let mut expected = BTreeMap::new();
+        for (i, name) in replaced.iter().enumerate() {
+            let n = model.weights.info(name).unwrap().numel();
+            // Values that need rounding to bf16.
+            let v: Vec<f32> = values(n, 100 + i)
+                .iter()
+                .map(|x| x * 1.2345 + 1e-4)
+                .collect();
+            export.replace(name, &v).unwrap();
+            expected.insert(name.to_string(), bf16_round(&v));
+        }
+        assert!(export.is_replaced(replaced[0]));
+        export
+            .add_file("gs-provenance.json", b"{\"method\":\"rtn\"}")
+            .unwrap();
+        assert!(!out.exists(), "nothing at the output before finish");
+        let summary = export.finish().unwrap();
+
+        assert_eq!(summary.output, out);
+        assert_eq!(
+            (summary.shards, summary.tensors, summary.replaced),
+            (2, spec.tensors.len(), 3)
+        );
+        assert_eq!(summary.added_files, [PathBuf::from("gs-provenance.json")]);
+        let copied: BTreeSet<PathBuf> = summary.copied_files.iter().cloned().collect();
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "generation_config.json",
+            "LICENSE",
+            "original/params.json",
+        ] {
+            assert!(copied.contains(Path::new(f)), "{f} not copied: {copied:?}");
+            assert_eq!(
+                fs::read(out.join(f)).unwrap(),
+                fs::read(src.join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        assert_eq!(copied.len(), 5);
+
+        let w = Weights::open(&out).unwrap();
+        assert!(w.is_sharded());
+        for t in &spec.tensors {
+            let info = w.info(&t.name).unwrap();
+            assert_eq!((info.dtype(), info.shape()), (t.dtype, &t.shape[..]));
+            assert_eq!(
+                w.shards()[info.shard_index()].file_name(),
+                spec.shard_names[t.shard]
+            );
+            match expected.get(&t.name) {
+                Some(v) => assert_eq!(&w.to_f32(&t.name).unwrap(), v, "{}", t.name),
+                None => assert_eq!(w.raw_bytes(&t.name).unwrap(), &t.bytes[..], "{}", t.name),
+            }
+        }
+        // Source headers had `format`, so they are kept verbatim.
+        for (a, b) in model.weights.shards().iter().zip(w.shards()) {
+            assert_eq!(a.header_bytes(), b.header_bytes());
+        }
+
+        let src_index: Value =
+            serde_json::from_slice(&fs::read(src.join(INDEX_FILE)).unwrap()).unwrap();
+        let out_index: Value =
+            serde_json::from_slice(&fs::read(out.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(out_index["weight_map"], src_index["weight_map"]);
+        let total: usize = spec.tensors.iter().map(|t| t.bytes.len()).sum();
+        assert_eq!(out_index["metadata"]["total_size"], Value::from(total));
+        assert_eq!(
+            out_index["metadata"]["total_parameters"],
+            src_index["metadata"]["total_parameters"]
+        );
+        assert_eq!(
+            fs::read(out.join("gs-provenance.json")).unwrap(),
+            b"{\"method\":\"rtn\"}"
+        );
+
+        assert_eq!(digests(&src), before, "source directory changed");
+        assert_eq!(
+            entries(&root.path().join("out")),
+            ["fake"],
+            "staging left behind"
+        );
+    }
+
+    #[test]
+    fn export_without_replacements_is_byte_identical() {
+        let spec = Spec::two_shards_bf16();
+        let (root, src) = source(&spec);
+        let model = Model::open(&src).unwrap();
+        let out = root.path().join("copy");
+        FakeQuantExport::begin(&model, &out, false)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let (a, b) = (digests(&src), digests(&out));
+        for name in &spec.shard_names {
+            assert_eq!(a[Path::new(name)], b[Path::new(name)], "{name}");
+        }
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn header_without_format_gains_it_and_keeps_metadata() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let mut spec = Spec::llama(DType::F16, 1);
+        spec.extra_files.clear();
+        write_model(&src, &spec);
+        // Rewrite the shard with metadata lacking "format".
+        let w = Weights::open(&src).unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = w
+            .iter()
+            .map(|(n, i)| {
+                let view = safetensors::tensor::TensorView::new(
+                    i.dtype().to_safetensors(),
+                    i.shape().to_vec(),
+                    w.raw_bytes(n).unwrap(),
+                )
+                .unwrap();
+                (n.to_string(), view)
+            })
+            .collect();
+        let tmp = src.join("model.tmp");
+        let meta = std::collections::HashMap::from([("source".to_string(), "test".to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), &tmp).unwrap();
+        drop(w);
+        fs::rename(&tmp, src.join("model.safetensors")).unwrap();
+
+        let model = Model::open(&src).unwrap();
+        assert_eq!(
+            model.weights.shards()[0].metadata(),
+            [("source".to_string(), "test".to_string())]
+        );
+        let out = root.path().join("out");
+        let mut export = FakeQuantExport::begin(&model, &out, false).unwrap();
+        let name = "model.layers.1.mlp.up_proj.weight";
+        let v = vec![0.1f32; 128];
+        export.replace(name, &v).unwrap();
+        export.finish().unwrap();
+
+        let w = Weights::open(&out).unwrap();
+        assert!(!w.is_sharded());
+        assert!(!out.join(INDEX_FILE).exists());
+        let meta = w.shards()[0].metadata();
+        assert!(
+            meta.contains(&("source".to_string(), "test".to_string())),
+            "{meta:?}"
+        );
+        assert!(
+            meta.contains(&("format".to_string(), "pt".to_string())),
+            "{meta:?}"
+        );
+        let f16_01 = half::f16::from_f32(0.1).to_f32();
+        assert!(w.to_f32(name).unwrap().iter().all(|&x| x == f16_01));
+        for t in spec.tensors.iter().filter(|t| t.name != name) {
+            assert_eq!(w.raw_bytes(&t.name).unwrap(), &t.bytes[..], "{}", t.name);
+        }
+        // The safetensors crate reads it too.
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), spec.tensors.len());
+    }
+
+    #[test]
+    fn output_inside_source_is_refused() {
+        let (_root, src) = source(&Spec::two_shards_bf16());
+        let before = digests(&src);
+        let model = Model::open(&src).unwrap();
+        let err = FakeQuantExport::begin(&model, &src.join("q"), true).unwrap_err();
+        assert!(
+            matches!(err, ExportError::OutputInsideSource { .. }),
+            "{err}"
+        );
+        let err = FakeQuantExport::begin(&model, &src, true).unwrap_err();
+        assert!(matches!(err, ExportError::OutputIsSource { .. }), "{err}");
+        assert_eq!(digests(&src), before);
+    }
+
+    #[test]
+    fn existing_output_needs_force() {
+        let (root, src) = source(&Spec::two_shards_bf16());
+        let model = Model::open(&src).unwrap();
+        let out = root.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("stale.txt"), b"old").unwrap();
+
+        let err = FakeQuantExport::begin(&model, &out, false).unwrap_err();
+        assert!(matches!(err, ExportError::OutputNotEmpty { .. }), "{err}");
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(fs::read(out.join("stale.txt")).unwrap(), b"old");
+        // --force replaces only what gs-host wrote (it holds the run record).
+        let err = FakeQuantExport::begin(&model, &out, true).unwrap_err();
+        assert!(matches!(err, ExportError::ForceNotOurs { .. }), "{err}");
+        fs::write(out.join(crate::export::RUN_RECORD), b"{}").unwrap();
+
+        FakeQuantExport::begin(&model, &out, true)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(!out.join("stale.txt").exists());
+        assert!(out.join(INDEX_FILE).exists());
+        assert_eq!(entries(root.path()), ["out", "src"]);
+    }
+
+    #[test]
+    fn dropped_export_leaves_nothing() {
+        let (root, src) = source(&Spec::two_shards_bf16());
+        let model = Model::open(&src).unwrap();
+        let out = root.path().join("out");
+        {
+            let mut export = FakeQuantExport::begin(&model, &out, false).unwrap();
+            export.replace("lm_head.weight", &[0.5; 128]).unwrap();
+            export.add_file("notes.txt", b"x").unwrap();
+        }
+        assert!(!out.exists());
+        assert_eq!(entries(root.path()), ["src"]);
+    }
+
+    #[test]
+    fn replace_errors_name_the_tensor() {
+        let spec = Spec::two_shards_bf16().with_raw(
+            "model.step",
+            DType::I64,
+            &[1],
+            7i64.to_le_bytes().to_vec(),
+            0,
+        );
+        let (root, src) = source(&spec);
+        let model = Model::open(&src).unwrap();
+        let mut export = FakeQuantExport::begin(&model, &root.path().join("out"), false).unwrap();
+
+        let err = export
+            .replace("model.layers.0.self_attn.k_proj.weight", &[0.0; 31])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ExportError::LengthMismatch {
+                    expected: 32,
+                    found: 31,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\"model.layers.0.self_attn.k_proj.weight\"")
+                && err.to_string().contains("[4, 8]"),
+            "{err}"
+        );
+
+        let err = export
+            .replace("model.layers.9.nope", &[0.0; 4])
+            .unwrap_err();
+        assert!(matches!(err, ExportError::UnknownTensor { .. }), "{err}");
+        assert!(err.to_string().contains("\"model.layers.9.nope\""), "{err}");
+
+        let err = export.replace("model.step", &[1.0]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ExportError::UnsupportedDType {
+                    dtype: DType::I64,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        export.replace("model.norm.weight", &[1.0; 8]).unwrap();
+        let err = export.replace("model.norm.weight", &[2.0; 8]).unwrap_err();
+        assert!(matches!(err, ExportError::AlreadyReplaced { .. }), "{err}");
+        assert!(err.to_string().contains("\"model.norm.weight\""), "{err}");
+
+        // Failed replacements leave the tensor untouched.
+        let summary = export.finish().unwrap();
+        assert_eq!(summary.replaced, 1);
+        let w = Weights::open(&summary.output).unwrap();
+        assert_eq!(w.to_f32("model.norm.weight").unwrap(), vec![1.0; 8]);
+        let k = spec.tensor("model.layers.0.self_attn.k_proj.weight");
+        assert_eq!(w.raw_bytes(&k.name).unwrap(), &k.bytes[..]);
+        assert_eq!(w.raw_bytes("model.step").unwrap(), 7i64.to_le_bytes());
+    }
+
+    #[test]
+    fn add_file_rules() {
+        let (root, src) = source(&Spec::two_shards_bf16());
+        let model = Model::open(&src).unwrap();
+        let mut export = FakeQuantExport::begin(&model, &root.path().join("out"), false).unwrap();
+        for bad in [
+            "",
+            "../x.json",
+            "/etc/x",
+            "a/../../b",
+            INDEX_FILE,
+            "model-00001-of-00002.safetensors",
+        ] {
+            let err = export.add_file(bad, b"x").unwrap_err();
+            assert!(
+                matches!(err, ExportError::InvalidExtraFile { .. }),
+                "{bad}: {err}"
+            );
+        }
+        export.add_file("quant/info.json", b"{}").unwrap();
+        let err = export.add_file("quant/info.json", b"{}").unwrap_err();
+        assert!(err.to_string().contains("already added"), "{err}");
+        // An added file wins over the source's copy.
+        export
+            .add_file("config.json", b"{\"patched\":true}")
+            .unwrap();
+        export.add_file("original/params.json", b"{}").unwrap();
+        let summary = export.finish().unwrap();
+        let out = &summary.output;
+        assert_eq!(
+            fs::read(out.join("config.json")).unwrap(),
+            b"{\"patched\":true}"
+        );
+        assert_eq!(fs::read(out.join("original/params.json")).unwrap(), b"{}");
+        assert_eq!(fs::read(out.join("quant/info.json")).unwrap(), b"{}");
+        assert!(!summary.copied_files.contains(&PathBuf::from("config.json")));
+        assert!(summary
+            .copied_files
+            .contains(&PathBuf::from("tokenizer.json")));
+        assert_eq!(
+            fs::read(src.join("config.json")).unwrap(),
+            serde_json::to_vec_pretty(&Spec::two_shards_bf16().config).unwrap()
+        );
+    }
+
+    #[test]
+    fn stray_safetensors_and_git_are_not_copied() {
+        let (root, src) = source(&Spec::llama(DType::F32, 1));
+        fs::write(
+            src.join("consolidated.safetensors"),
+            b"not part of the checkpoint",
+        )
+        .unwrap();
+        fs::create_dir(src.join(".git")).unwrap();
+        fs::write(src.join(".git/HEAD"), b"ref").unwrap();
+        fs::create_dir(src.join("sub")).unwrap();
+        fs::write(
+            src.join("sub/extra.safetensors"),
+            b"kept: only the top level is weights",
+        )
+        .unwrap();
+        let model = Model::open(&src).unwrap();
+        let summary = FakeQuantExport::begin(&model, &root.path().join("out"), false)
+            .unwrap()
+            .finish()
+            .unwrap();
+        let out = &summary.output;
+        assert!(!out.join("consolidated.safetensors").exists());
+        assert!(!out.join(".git").exists());
+        assert!(out.join("sub/extra.safetensors").exists());
+        assert!(out.join("model.safetensors").exists());
+    }
+
+    #[test]
+    fn real_stories260k() {
+        let root = tempfile::tempdir().unwrap();
+        let model = Model::open(Path::new(STORIES)).unwrap();
+        let before = digests(Path::new(STORIES));
+        let out = root.path().join("stories-fake");
+        let mut export = FakeQuantExport::begin(&model, &out, false).unwrap();
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let orig = model.weights.to_f32(name).unwrap();
+        let rounded: Vec<f32> = orig.iter().map(|x| (x * 16.0).round() / 16.0).collect();
+        export.replace(name, &rounded).unwrap();
+        let summary = export.finish().unwrap();
+        assert_eq!(summary.tensors, 48);
+        let reopened = Model::open(&out).unwrap();
+        assert_eq!(reopened.weights.to_f32(name).unwrap(), rounded);
+        assert_eq!(
+            reopened.weights.raw_bytes("lm_head.weight").unwrap(),
+            model.weights.raw_bytes("lm_head.weight").unwrap()
+        );
+        assert_eq!(
+            reopened.config,
+            ModelConfig {
+                path: out.join("config.json"),
+                ..model.config.clone()
+            }
+        );
+        for f in [
+            "tokenizer.json",
+            "LICENSE",
+            "PROVENANCE.md",
+            "generation_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        assert_eq!(digests(Path::new(STORIES)), before);
+    }
+}
