@@ -1,1 +1,412 @@
-//! (in progress)
+//! The TOML run manifest (`gs-host --manifest run.toml`); every key is documented in
+//! `docs/manifest.md`.
+//!
+//! Parsing happens in two steps: serde structs with `deny_unknown_fields` read the text as
+//! written (`raw`), then validation turns them into the typed sections below. Errors carry
+//! `file:line:column` and the key path (see [`ManifestError`]).
+
+mod error;
+mod quant;
+mod raw;
+mod source;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::DeTable;
+use toml::Spanned;
+
+pub use error::{Choices, Located, Location, ManifestError};
+pub use quant::{
+    ArgsSpec, GranularityName, OverrideSpec, Preset, QuantPlan, QuantSection, SchemeSpec,
+};
+
+use error::closest;
+use raw::{RawCalibration, RawEval, RawExport, RawManifest, RawPluginPin, RawRun, RawStage};
+use source::{check_no_array_tables, de_error, span_of, syntax_error, Seg, Source};
+
+/// Default `[calibration]` values.
+pub const DEFAULT_NSAMPLES: usize = 128;
+pub const DEFAULT_SEQLEN: usize = 512;
+pub const DEFAULT_TEXT_FIELD: &str = "text";
+/// Default `[eval]` window length.
+pub const DEFAULT_EVAL_SEQLEN: usize = 512;
+
+/// A parsed and validated run manifest. Relative paths are already resolved against the
+/// manifest's directory.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The manifest file itself, as given.
+    pub path: PathBuf,
+    pub model: ModelSection,
+    pub calibration: Option<CalibrationSection>,
+    pub quant: QuantSection,
+    /// `quant` resolved and compiled; built at load time so that bad regexes fail early.
+    pub plan: QuantPlan,
+    /// Never empty.
+    pub pipeline: Vec<PipelineStage>,
+    /// `[plugins.<name>]` pins, by plugin name.
+    pub plugins: BTreeMap<String, PluginPin>,
+    pub export: ExportSection,
+    pub eval: Option<EvalSection>,
+    /// Defaults when `[run]` is absent.
+    pub run: RunSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSection {
+    /// Model directory (config.json, safetensors).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalibrationSection {
+    /// Plain text file, or JSON Lines when the name ends in `.jsonl`.
+    pub dataset: PathBuf,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+    /// Field holding the text in each `.jsonl` record.
+    pub text_field: String,
+}
+
+impl CalibrationSection {
+    /// Whether `dataset` is read as JSON Lines (else as plain text).
+    pub fn is_jsonl(&self) -> bool {
+        is_jsonl(&self.dataset)
+    }
+}
+
+fn is_jsonl(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
+}
+
+/// One `[[pipeline]]` stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineStage {
+    /// Algorithm name, resolved against the loaded plugins by the caller.
+    pub algorithm: String,
+    /// The algorithm's own parameters, uninterpreted.
+    pub params: toml::Table,
+    /// The stage's `[[pipeline]]` header, for errors the plugin reports about it.
+    pub at: Location,
+}
+
+impl PipelineStage {
+    /// `params` as TOML text, the form plugins receive; `""` when empty.
+    pub fn params_text(&self) -> String {
+        self.params.to_string()
+    }
+}
+
+/// A `[plugins.<name>]` pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginPin {
+    /// SHA-256 of the plugin library, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Explicit library path instead of searching the plugin directories.
+    pub path: Option<PathBuf>,
+}
+
+/// Export formats this version writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExportFormat {
+    /// Quantize-dequantize: float safetensors holding the quantized values, for evaluation.
+    Fake,
+}
+
+impl ExportFormat {
+    pub const ALL: [ExportFormat; 1] = [ExportFormat::Fake];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportFormat::Fake => "fake",
+        }
+    }
+}
+
+/// Formats of later versions, named in the error so users know why theirs is refused.
+const PLANNED_FORMATS: &[&str] = &["compressed-tensors", "ascend"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSection {
+    pub format: ExportFormat,
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalSection {
+    pub dataset: PathBuf,
+    pub seqlen: usize,
+    /// Evaluate at most this many windows; all when `None`.
+    pub windows: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSection {
+    /// `true`: each block's calibration input is the output of the already quantized previous
+    /// block; `false`: the float model's outputs.
+    pub sequential: bool,
+    /// Worker threads; `None` lets the runtime choose.
+    pub threads: Option<usize>,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            sequential: true,
+            threads: None,
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads and parses the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Manifest::parse(&text, path)
+    }
+
+    /// Parses manifest `text`; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+        let src = Source { file: path, text };
+        let root = DeTable::parse(text).map_err(|e| syntax_error(&src, &e))?;
+        check_no_array_tables(&src, &root)?;
+        let raw = RawManifest::deserialize(toml::de::Deserializer::from(root.clone()))
+            .map_err(|e| de_error(&src, &root, &e))?;
+        let cx = Cx {
+            src: &src,
+            root: &root,
+            dir: path.parent().unwrap_or(Path::new("")),
+        };
+
+        let quant = quant::section_from_raw(raw.quant, &src, &root);
+        let plan = QuantPlan::new(&quant)?;
+        Ok(Manifest {
+            path: path.to_path_buf(),
+            model: ModelSection {
+                path: cx.path(&raw.model.path, "model.path")?,
+            },
+            calibration: raw.calibration.map(|c| cx.calibration(c)).transpose()?,
+            quant,
+            plan,
+            pipeline: cx.pipeline(raw.pipeline)?,
+            plugins: raw
+                .plugins
+                .into_iter()
+                .map(|(name, pin)| Ok((name.clone(), cx.plugin(&name, pin)?)))
+                .collect::<Result<_, ManifestError>>()?,
+            export: cx.export(raw.export)?,
+            eval: raw.eval.map(|e| cx.eval(e)).transpose()?,
+            run: raw.run.map(|r| cx.run(r)).transpose()?.unwrap_or_default(),
+        })
+    }
+}
+
+/// What validation needs: the text for locations, the tree for table positions, the
+/// directory for relative paths.
+struct Cx<'a> {
+    src: &'a Source<'a>,
+    root: &'a Spanned<DeTable<'a>>,
+    dir: &'a Path,
+}
+
+impl Cx<'_> {
+    fn invalid<T>(&self, v: &Spanned<T>, key: &str, shown: String, reason: &str) -> ManifestError {
+        ManifestError::Invalid {
+            at: self.src.at(v),
+            key: key.into(),
+            value: shown,
+            reason: reason.into(),
+        }
+    }
+
+    /// A non-empty path, relative ones joined to the manifest's directory.
+    fn path(&self, s: &Spanned<String>, key: &str) -> Result<PathBuf, ManifestError> {
+        if s.get_ref().trim().is_empty() {
+            return Err(self.invalid(s, key, "\"\"".into(), "a path must not be empty"));
+        }
+        Ok(self.dir.join(s.get_ref()))
+    }
+
+    fn positive(&self, n: &Spanned<i64>, key: &str) -> Result<usize, ManifestError> {
+        usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| {
+                self.invalid(
+                    n,
+                    key,
+                    n.get_ref().to_string(),
+                    "expected a positive integer",
+                )
+            })
+    }
+
+    fn calibration(&self, c: RawCalibration) -> Result<CalibrationSection, ManifestError> {
+        let dataset = self.path(&c.dataset, "calibration.dataset")?;
+        let text_field = match c.text_field {
+            Some(f) if !is_jsonl(&dataset) => {
+                return Err(ManifestError::Conflict {
+                    at: self.src.at(&f),
+                    key: "calibration.text_field".into(),
+                    other: "calibration.dataset".into(),
+                    reason: "text_field names a field of .jsonl records; this dataset is \
+                             plain text"
+                        .into(),
+                })
+            }
+            Some(f) if f.get_ref().is_empty() => {
+                return Err(self.invalid(
+                    &f,
+                    "calibration.text_field",
+                    "\"\"".into(),
+                    "must not be empty",
+                ))
+            }
+            Some(f) => f.into_inner(),
+            None => DEFAULT_TEXT_FIELD.to_owned(),
+        };
+        let seed = match &c.seed {
+            Some(s) => u64::try_from(*s.get_ref()).map_err(|_| {
+                self.invalid(
+                    s,
+                    "calibration.seed",
+                    s.get_ref().to_string(),
+                    "expected an integer >= 0",
+                )
+            })?,
+            None => 0,
+        };
+        Ok(CalibrationSection {
+            dataset,
+            nsamples: self
+                .opt_positive(&c.nsamples, "calibration.nsamples")?
+                .unwrap_or(DEFAULT_NSAMPLES),
+            seqlen: self
+                .opt_positive(&c.seqlen, "calibration.seqlen")?
+                .unwrap_or(DEFAULT_SEQLEN),
+            seed,
+            text_field,
+        })
+    }
+
+    fn opt_positive(
+        &self,
+        n: &Option<Spanned<i64>>,
+        key: &str,
+    ) -> Result<Option<usize>, ManifestError> {
+        n.as_ref().map(|n| self.positive(n, key)).transpose()
+    }
+
+    fn pipeline(
+        &self,
+        p: Option<Spanned<Vec<RawStage>>>,
+    ) -> Result<Vec<PipelineStage>, ManifestError> {
+        let Some(p) = p.filter(|p| !p.get_ref().is_empty()) else {
+            // `pipeline = []` is pointed at; a missing pipeline is a whole-file matter.
+            let span = span_of(self.root, &[Seg::Key("pipeline".into())]);
+            return Err(ManifestError::EmptyPipeline {
+                at: self.src.locate(&span),
+            });
+        };
+        p.into_inner()
+            .into_iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                if stage.algorithm.get_ref().trim().is_empty() {
+                    return Err(self.invalid(
+                        &stage.algorithm,
+                        &format!("pipeline[{i}].algorithm"),
+                        "\"\"".into(),
+                        "expected an algorithm name",
+                    ));
+                }
+                let span = span_of(self.root, &[Seg::Key("pipeline".into()), Seg::Index(i)]);
+                Ok(PipelineStage {
+                    algorithm: stage.algorithm.into_inner(),
+                    params: stage.params,
+                    at: self.src.locate(&span),
+                })
+            })
+            .collect()
+    }
+
+    fn plugin(&self, name: &str, pin: RawPluginPin) -> Result<PluginPin, ManifestError> {
+        let key = source::render_path(&[Seg::Key("plugins".into()), Seg::Key(name.into())]);
+        let hash = pin.sha256.get_ref();
+        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(self.invalid(
+                &pin.sha256,
+                &format!("{key}.sha256"),
+                format!("{hash:?}"),
+                "expected 64 hexadecimal digits (the output of `sha256sum`)",
+            ));
+        }
+        Ok(PluginPin {
+            sha256: hash.to_ascii_lowercase(),
+            path: pin
+                .path
+                .map(|p| self.path(&p, &format!("{key}.path")))
+                .transpose()?,
+        })
+    }
+
+    fn export(&self, e: RawExport) -> Result<ExportSection, ManifestError> {
+        let value = e.format.get_ref();
+        let Some(format) = ExportFormat::ALL.into_iter().find(|f| f.name() == value) else {
+            let valid: Vec<String> = ExportFormat::ALL
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect();
+            let mut choices = Choices::new(value, valid);
+            // A known later format, or a typo of one, gets said so rather than a bare "unknown".
+            if choices.suggestion.is_none() {
+                let planned = PLANNED_FORMATS
+                    .iter()
+                    .copied()
+                    .find(|p| p == value)
+                    .or_else(|| closest(value, PLANNED_FORMATS.iter().copied()));
+                if let Some(p) = planned {
+                    choices.suggestion = (p != value).then(|| p.to_owned());
+                    choices.note = Some(format!("`{p}` export is not supported by this version"));
+                }
+            }
+            return Err(ManifestError::UnknownValue {
+                at: self.src.at(&e.format),
+                key: "export.format".into(),
+                value: value.clone(),
+                choices,
+            });
+        };
+        Ok(ExportSection {
+            format,
+            output: self.path(&e.output, "export.output")?,
+        })
+    }
+
+    fn eval(&self, e: RawEval) -> Result<EvalSection, ManifestError> {
+        Ok(EvalSection {
+            dataset: self.path(&e.dataset, "eval.dataset")?,
+            seqlen: self
+                .opt_positive(&e.seqlen, "eval.seqlen")?
+                .unwrap_or(DEFAULT_EVAL_SEQLEN),
+            windows: self.opt_positive(&e.windows, "eval.windows")?,
+        })
+    }
+
+    fn run(&self, r: RawRun) -> Result<RunSection, ManifestError> {
+        Ok(RunSection {
+            sequential: r.sequential.unwrap_or(true),
+            threads: self.opt_positive(&r.threads, "run.threads")?,
+        })
+    }
+}
