@@ -1,1 +1,199 @@
-//! placeholder
+//! Helpers for the end-to-end tests: build the real plugin `.so` files and the real `gs-host`
+//! binary with cargo, locate fixtures and the bundled model, run the CLI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// cargo's target directory for this workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// `lib<name>.so` (or the platform's equivalent) inside `dir`.
+pub fn lib_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(
+        "{}{name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+/// Runs cargo with `args` in the workspace root; panics with cargo's output on failure.
+pub fn cargo(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds (once per test binary) the `gs-host` binary and the workspace's user-facing plugins
+/// into the normal debug directory; returns that directory.
+pub fn debug_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        cargo(&[
+            "build",
+            "-p",
+            "gs-host",
+            "-p",
+            "gs-plugin-rtn",
+            "-p",
+            "gs-plugin-template",
+        ]);
+        target_dir().join("debug")
+    })
+}
+
+/// The freshly built `gs-host` binary.
+pub fn gs_host_bin() -> PathBuf {
+    debug_dir().join(format!("gs-host{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The RTN plugin as cargo built it.
+pub fn rtn_plugin() -> PathBuf {
+    lib_file(debug_dir(), "gs_rtn")
+}
+
+/// The template plugin as cargo built it.
+pub fn template_plugin() -> PathBuf {
+    lib_file(debug_dir(), "gs_plugin_template")
+}
+
+/// The test-only misbehaving plugin. Built into its own target directory so it never lands
+/// beside `gs-host` (where the built-in discovery would pick it up).
+pub fn misbehave_plugin() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = target_dir().join("test-plugins");
+        cargo(&[
+            "build",
+            "-p",
+            "gs-test-misbehave",
+            "--target-dir",
+            &dir.to_string_lossy(),
+        ]);
+        lib_file(&dir.join("debug"), "gs_test_misbehave")
+    })
+}
+
+/// Builds `tests/fixtures/<crate_dir>` (its own workspace) and returns its `lib<lib>.so`.
+pub fn fixture(crate_dir: &str, lib: &str) -> PathBuf {
+    let dir = target_dir().join("fixtures");
+    let manifest = root()
+        .join("tests/fixtures")
+        .join(crate_dir)
+        .join("Cargo.toml");
+    cargo(&[
+        "build",
+        "--manifest-path",
+        &manifest.to_string_lossy(),
+        "--target-dir",
+        &dir.to_string_lossy(),
+    ]);
+    lib_file(&dir.join("debug"), lib)
+}
+
+/// The bundled model (f32 stories260K).
+pub fn stories260k() -> PathBuf {
+    root().join("assets/models/stories260K")
+}
+
+/// Runs the built `gs-host` with `args` in `cwd`, with a clean plugin environment.
+pub fn gs_host(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(gs_host_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("GS_PLUGIN_PATH")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("gs-host runs")
+}
+
+/// stderr of a finished command, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout of a finished command, as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// sha256 of every file under `dir` (relative path → hex), to prove a directory is untouched.
+pub fn tree_digest(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("readable dir") {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).expect("readable file");
+                let rel = p.strip_prefix(dir).expect("under dir").to_path_buf();
+                out.insert(rel, format!("{:x}", Sha256::digest(&bytes)));
+            }
+        }
+    }
+    out
+}
+
+/// Copies the bundled model into `dst` (tests that must not touch the real assets use it).
+pub fn copy_model(dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).expect("create dir");
+    for e in std::fs::read_dir(stories260k()).expect("model dir") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, dst.join(p.file_name().expect("name"))).expect("copy");
+    }
+    dst.to_path_buf()
+}
+
+/// Writes `text` as `run.toml` in `dir` and returns its path.
+pub fn write_manifest(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).expect("write manifest");
+    p
+}
+
+/// A manifest for the bundled model with `pipeline` (TOML `[[pipeline]]` blocks), writing to
+/// `out`. Uses W4A16 per-channel so every layer shape qualifies.
+pub fn manifest_text(model: &Path, out: &Path, pipeline: &str) -> String {
+    format!(
+        r#"[model]
+path = "{}"
+
+[quant]
+scheme = "w4a16"
+weights = {{ granularity = "channel" }}
+
+{pipeline}
+
+[export]
+format = "fake"
+output = "{}"
+"#,
+        model.display(),
+        out.display()
+    )
+}

@@ -1,0 +1,387 @@
+//! End-to-end runs of the real `gs-host` binary with real plugin `.so` files.
+
+use std::path::Path;
+
+use gs_host::manifest::Manifest;
+use gs_tests::*;
+use safetensors::SafeTensors;
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Every tensor of a single-file f32 checkpoint.
+fn read_f32_tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), f32s(t.data())))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn is_block_linear(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
+#[test]
+fn quickstart_quantizes_the_bundled_model_through_the_plugin_abi() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let manifest = work.path().join("quickstart.toml");
+    // The shipped quickstart, pointed at the bundled model and a temporary output.
+    let text = std::fs::read_to_string(root().join("examples/quickstart.toml"))
+        .unwrap()
+        .replace(
+            "../assets/models/stories260K",
+            &stories260k().display().to_string(),
+        )
+        .replace("../out/quickstart", &out.display().to_string());
+    std::fs::write(&manifest, text).unwrap();
+    let before = tree_digest(&stories260k());
+
+    let o = gs_host(work.path(), &["--manifest", manifest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("35 layers quantized"), "{}", stdout(&o));
+    assert_eq!(
+        tree_digest(&stories260k()),
+        before,
+        "the source model changed"
+    );
+
+    // Every block linear equals the shared primitive applied with the manifest's scheme
+    // (bit for bit: the model is f32, so no dtype rounding intervenes); everything else is
+    // byte-identical to the source.
+    let plan = Manifest::load(&manifest).unwrap().plan;
+    let src = read_f32_tensors(&stories260k());
+    let dst = read_f32_tensors(&out);
+    assert_eq!(src.len(), dst.len());
+    let mut quantized = 0;
+    for ((name, shape, w), (dname, dshape, q)) in src.iter().zip(&dst) {
+        assert_eq!((name, shape), (dname, dshape));
+        if is_block_linear(name) {
+            let layer = name.trim_end_matches(".weight");
+            let args = plan.scheme_for(layer).weights.expect("quantized");
+            let (expected, _) = gs_quant::fake_quantize(w, shape[0], shape[1], &args).unwrap();
+            assert!(
+                expected
+                    .iter()
+                    .zip(q)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} differs from gs_quant::fake_quantize"
+            );
+            assert_ne!(w, q, "{name} was not quantized");
+            quantized += 1;
+        } else {
+            assert!(
+                w.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} changed"
+            );
+        }
+    }
+    assert_eq!(quantized, 35);
+    // The down_proj override (per-channel) took effect: one scale per row → at most 16
+    // distinct magnitudes per row of int4 values.
+    for file in ["config.json", "tokenizer.json", "LICENSE", "gs-run.json"] {
+        assert!(out.join(file).is_file(), "{file} missing from the output");
+    }
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("gs-run.json")).unwrap()).unwrap();
+    assert_eq!(run["pipeline"][0]["algorithm"], "rtn");
+    assert_eq!(run["pipeline"][0]["plugin"], "gs-rtn");
+}
+
+#[test]
+fn the_frozen_v1_plugin_loads_and_runs_in_todays_host() {
+    let so = fixture("plugin-v1", "gs_fixture_v1");
+    let work = tempfile::tempdir().unwrap();
+    let plugins = work.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(&so, lib_file(&plugins, "gs_fixture_v1")).unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &out,
+            "[[pipeline]]\nalgorithm = \"v1_grid\"",
+        ),
+    );
+
+    let o = gs_host(work.path(), &["plugins", "--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listing = stdout(&o);
+    assert!(
+        listing.contains("gs-fixture-v1") && listing.contains("gs-plugin-api 1.0.0"),
+        "{listing}"
+    );
+
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for ((name, _, w), (_, _, q)) in read_f32_tensors(&stories260k())
+        .iter()
+        .zip(read_f32_tensors(&out).iter())
+    {
+        if is_block_linear(name) {
+            let expected: Vec<f32> = w
+                .iter()
+                .map(|v| (v * 64.0).round_ties_even() / 64.0)
+                .collect();
+            assert_eq!(&expected, q, "{name}");
+        }
+    }
+}
+
+/// Runs one misbehaving algorithm on a copy of the model; returns stderr after checking that
+/// the run failed, left no output behind and did not touch the source.
+fn run_failing(algorithm: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let model = copy_model(&work.path().join("model"));
+    let before = tree_digest(&model);
+    let out = work.path().join("out");
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &model,
+            &out,
+            &format!("[[pipeline]]\nalgorithm = \"{algorithm}\""),
+        ),
+    );
+    let dir = misbehave_plugin().parent().unwrap().to_str().unwrap();
+    let o = gs_host(
+        work.path(),
+        &["--manifest", m.to_str().unwrap(), "--plugin-dir", dir],
+    );
+    assert!(!o.status.success(), "{algorithm} should fail");
+    assert!(!out.exists(), "{algorithm}: output left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "model" && n != "run.toml")
+        .collect();
+    assert!(leftovers.is_empty(), "{algorithm}: left {leftovers:?}");
+    assert_eq!(tree_digest(&model), before, "{algorithm}: source changed");
+    // 1 = a reported error; a panicking host would exit with 101, an abort with a signal.
+    assert_eq!(o.status.code(), Some(1), "{algorithm}: {}", stderr(&o));
+    stderr(&o)
+}
+
+#[test]
+fn a_panicking_plugin_is_an_error_naming_it() {
+    let e = run_failing("test_panic");
+    assert!(
+        e.contains("gs-test-misbehave")
+            && e.contains("test_panic")
+            && e.contains("deliberate panic in block 0"),
+        "{e}"
+    );
+    let e = run_failing("test_panic_create");
+    assert!(
+        e.contains("gs-test-misbehave") && e.contains("deliberate panic while parsing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_nan_result_is_refused_even_when_the_plugin_ignores_the_refusal() {
+    let e = run_failing("test_nan");
+    assert!(
+        e.contains("test_nan") && e.contains("NaN") && e.contains("finite"),
+        "{e}"
+    );
+    assert!(e.contains("model.layers.0.self_attn.q_proj"), "{e}");
+}
+
+#[test]
+fn a_wrong_shape_result_is_refused() {
+    let e = run_failing("test_wrong_shape");
+    assert!(
+        e.contains("test_wrong_shape") && e.contains("expected 4096 values, got 4095"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_algorithm_needing_statistics_is_refused_before_any_work() {
+    let e = run_failing("test_needs_hessian");
+    assert!(
+        e.contains("test_needs_hessian") && e.contains("hessian"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_manifest_typo_names_line_column_and_the_fix() {
+    let work = tempfile::tempdir().unwrap();
+    let text = manifest_text(
+        &stories260k(),
+        &work.path().join("out"),
+        "[[pipeline]]\nalgorithm = \"rtn\"",
+    )
+    .replace("[export]\nformat", "[export]\nfromat");
+    let m = write_manifest(work.path(), &text);
+    let line = text.lines().position(|l| l.starts_with("fromat")).unwrap() + 1;
+    for args in [vec!["check"], vec![]] {
+        let mut a = args.clone();
+        a.extend(["--manifest", m.to_str().unwrap()]);
+        let o = gs_host(work.path(), &a);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(&format!("run.toml:{line}:1")), "{e}");
+        assert!(
+            e.contains("fromat") && e.contains("did you mean `format`"),
+            "{e}"
+        );
+    }
+    assert!(!work.path().join("out").exists());
+}
+
+#[test]
+fn an_existing_output_is_refused_and_kept_unless_forced() {
+    let work = tempfile::tempdir().unwrap();
+    let model = copy_model(&work.path().join("model"));
+    let before = tree_digest(&model);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("precious.txt"), b"keep me").unwrap();
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(&model, &out, "[[pipeline]]\nalgorithm = \"rtn\""),
+    );
+    // Not ours: refused without --force, and even with it.
+    for force in [false, true] {
+        let mut args = vec!["--manifest", m.to_str().unwrap()];
+        if force {
+            args.push("--force");
+        }
+        let o = gs_host(work.path(), &args);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(&out.display().to_string()), "{e}");
+        assert!(
+            e.contains(if force { "gs-run.json" } else { "--force" }),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(out.join("precious.txt")).unwrap(), b"keep me");
+        assert_eq!(tree_digest(&model), before);
+    }
+    // A previous gs-host output is replaced with --force, and only with it.
+    std::fs::remove_dir_all(&out).unwrap();
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(out.join("marker"), b"old run").unwrap();
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(out.join("marker").exists());
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap(), "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join("marker").exists());
+    assert!(out.join("model.safetensors").is_file());
+    assert_eq!(tree_digest(&model), before);
+}
+
+#[test]
+fn an_output_inside_the_source_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let model = copy_model(&work.path().join("model"));
+    let before = tree_digest(&model);
+    for out in [model.join("quantized"), model.clone()] {
+        let m = write_manifest(
+            work.path(),
+            &manifest_text(&model, &out, "[[pipeline]]\nalgorithm = \"rtn\""),
+        );
+        let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap(), "--force"]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("source"), "{e}");
+        assert_eq!(tree_digest(&model), before);
+    }
+}
+
+#[test]
+fn the_template_plugin_runs_with_its_parameters() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &out,
+            "[[pipeline]]\nalgorithm = \"clip_rtn\"\nparams = { clip_ratio = 0.9 }",
+        ),
+    );
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = Manifest::load(&m).unwrap().plan;
+    for ((name, shape, w), (_, _, q)) in read_f32_tensors(&stories260k())
+        .iter()
+        .zip(read_f32_tensors(&out).iter())
+    {
+        if is_block_linear(name) {
+            let args = plan
+                .scheme_for(name.trim_end_matches(".weight"))
+                .weights
+                .unwrap();
+            let clipped = gs_plugin_template::clip_rows(w, shape[1], 0.9);
+            let (expected, _) =
+                gs_quant::fake_quantize(&clipped, shape[0], shape[1], &args).unwrap();
+            assert_eq!(&expected, q, "{name}");
+        }
+    }
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &out,
+            "[[pipeline]]\nalgorithm = \"clip_rtn\"\nparams = { clip_ratio = 2.0 }",
+        ),
+    );
+    let o = gs_host(work.path(), &["check", "--manifest", m.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("clip_ratio must be in (0, 1]"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn plugins_check_and_inspect_report_without_writing() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(&stories260k(), &out, "[[pipeline]]\nalgorithm = \"rtn\""),
+    );
+    let o = gs_host(work.path(), &["plugins"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    let sha = gs_host::plugins::sha256_file(&rtn_plugin()).unwrap();
+    assert!(
+        s.contains("gs-rtn") && s.contains("rtn: round-to-nearest") && s.contains(&sha),
+        "{s}"
+    );
+
+    let o = gs_host(work.path(), &["check", "--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("35 of 35 linear layers quantized"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!out.exists(), "check wrote output");
+
+    let o = gs_host(work.path(), &["inspect", stories260k().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("LlamaForCausalLM") && s.contains("model.layers.0.mlp.down_proj.weight"),
+        "{s}"
+    );
+}
