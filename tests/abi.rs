@@ -167,3 +167,54 @@ fn sha256_pins_are_enforced() {
         .to_string();
     assert!(e.contains("no loaded plugin has that name"), "{e}");
 }
+
+/// The other direction: an *older* host (built against the frozen 1.0 API, whose services
+/// table has no `report_metric`) loads today's RTN plugin and runs it; the plugin's 1.1 call
+/// degrades to a no-op instead of failing.
+#[test]
+fn todays_plugin_loads_and_runs_in_a_v1_host() {
+    let dir = target_dir().join("fixtures");
+    let manifest = root().join("tests/fixtures/host-v1/Cargo.toml");
+    cargo(&[
+        "build",
+        "--manifest-path",
+        &manifest.to_string_lossy(),
+        "--target-dir",
+        &dir.to_string_lossy(),
+    ]);
+    let bin = dir.join("debug").join(format!(
+        "gs-fixture-host-v1{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    let o = std::process::Command::new(bin)
+        .arg(rtn_plugin())
+        .arg("rtn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("plugin gs-rtn api {}", gs_plugin_api::API_VERSION)),
+        "{out}"
+    );
+    // The same synthetic layer and scheme the fixture host serves: w[k] = (k − 13)/10, [4, 8],
+    // int4 symmetric per channel, half_range.
+    let w: Vec<f32> = (0..32).map(|k| (k as f32 - 13.0) / 10.0).collect();
+    let args = gs_quant::QuantArgs {
+        bits: 4,
+        ty: gs_quant::QuantType::Int,
+        symmetric: true,
+        granularity: gs_quant::Granularity::Channel,
+        scale_rule: gs_quant::ScaleRule::HalfRange,
+    };
+    let (expected, _) = gs_quant::fake_quantize(&w, 4, 8, &args).unwrap();
+    let expected: Vec<String> = expected
+        .iter()
+        .map(|v| format!("{:08x}", v.to_bits()))
+        .collect();
+    assert!(
+        out.contains(&format!("weight {}", expected.join(" "))),
+        "{out}"
+    );
+    assert!(out.contains("qparams 4"), "{out}");
+}

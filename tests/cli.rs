@@ -385,3 +385,29 @@ fn plugins_check_and_inspect_report_without_writing() {
         "{s}"
     );
 }
+
+#[test]
+fn plugins_are_found_through_gs_plugin_path() {
+    let so = fixture("plugin-v1", "gs_fixture_v1");
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("vendor");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(&so, lib_file(&dir, "gs_fixture_v1")).unwrap();
+    let path = std::env::join_paths([work.path().join("missing"), dir.clone()]).unwrap();
+    let o = std::process::Command::new(gs_host_bin())
+        .arg("plugins")
+        .env("GS_PLUGIN_PATH", path)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("gs-fixture-v1") && s.contains("GS_PLUGIN_PATH"),
+        "{s}"
+    );
+    assert!(
+        s.contains("gs-rtn"),
+        "the built-in plugins are still listed: {s}"
+    );
+}
