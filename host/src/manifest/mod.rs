@@ -13,6 +13,24 @@ mod source;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod normalize_tests {
+    use super::normalize;
+    use std::path::Path;
+
+    #[test]
+    fn folds_dot_and_dotdot_lexically() {
+        assert_eq!(
+            normalize(Path::new("examples/../out/q")),
+            Path::new("out/q")
+        );
+        assert_eq!(normalize(Path::new("./a/./b")), Path::new("a/b"));
+        assert_eq!(normalize(Path::new("../a")), Path::new("../a"));
+        assert_eq!(normalize(Path::new("a/..")), Path::new("."));
+        assert_eq!(normalize(Path::new("/../x")), Path::new("/x"));
+    }
+}
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -152,16 +170,11 @@ pub struct RunSection {
     /// `true`: each block's calibration input is the output of the already quantized previous
     /// block; `false`: the float model's outputs.
     pub sequential: bool,
-    /// Worker threads; `None` lets the runtime choose.
-    pub threads: Option<usize>,
 }
 
 impl Default for RunSection {
     fn default() -> Self {
-        RunSection {
-            sequential: true,
-            threads: None,
-        }
+        RunSection { sequential: true }
     }
 }
 
@@ -219,6 +232,30 @@ struct Cx<'a> {
     dir: &'a Path,
 }
 
+/// Removes `.` and folds `dir/..` lexically, so `examples/../out` reads as `out` in messages
+/// (as cargo does for manifest paths). A leading `..` that cannot fold is kept.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 impl Cx<'_> {
     fn invalid<T>(&self, v: &Spanned<T>, key: &str, shown: String, reason: &str) -> ManifestError {
         ManifestError::Invalid {
@@ -234,7 +271,7 @@ impl Cx<'_> {
         if s.get_ref().trim().is_empty() {
             return Err(self.invalid(s, key, "\"\"".into(), "a path must not be empty"));
         }
-        Ok(self.dir.join(s.get_ref()))
+        Ok(normalize(&self.dir.join(s.get_ref())))
     }
 
     fn positive(&self, n: &Spanned<i64>, key: &str) -> Result<usize, ManifestError> {
@@ -406,7 +443,6 @@ impl Cx<'_> {
     fn run(&self, r: RawRun) -> Result<RunSection, ManifestError> {
         Ok(RunSection {
             sequential: r.sequential.unwrap_or(true),
-            threads: self.opt_positive(&r.threads, "run.threads")?,
         })
     }
 }

@@ -155,5 +155,4 @@ pub(crate) struct RawEval {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRun {
     pub sequential: Option<bool>,
-    pub threads: Option<Spanned<i64>>,
 }
