@@ -173,16 +173,7 @@ fn sha256_pins_are_enforced() {
 /// degrades to a no-op instead of failing.
 #[test]
 fn todays_plugin_loads_and_runs_in_a_v1_host() {
-    let dir = target_dir().join("fixtures");
-    let manifest = root().join("tests/fixtures/host-v1/Cargo.toml");
-    cargo(&[
-        "build",
-        "--manifest-path",
-        &manifest.to_string_lossy(),
-        "--target-dir",
-        &dir.to_string_lossy(),
-    ]);
-    let bin = dir.join("debug").join(format!(
+    let bin = fixture_dir("host-v1").join(format!(
         "gs-fixture-host-v1{}",
         std::env::consts::EXE_SUFFIX
     ));

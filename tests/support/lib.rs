@@ -97,8 +97,9 @@ pub fn misbehave_plugin() -> &'static Path {
     })
 }
 
-/// Builds `tests/fixtures/<crate_dir>` (its own workspace) and returns its `lib<lib>.so`.
-pub fn fixture(crate_dir: &str, lib: &str) -> PathBuf {
+/// Builds `tests/fixtures/<crate_dir>` (its own workspace) and returns the directory its
+/// artifacts land in.
+pub fn fixture_dir(crate_dir: &str) -> PathBuf {
     let dir = target_dir().join("fixtures");
     let manifest = root()
         .join("tests/fixtures")
@@ -111,7 +112,12 @@ pub fn fixture(crate_dir: &str, lib: &str) -> PathBuf {
         "--target-dir",
         &dir.to_string_lossy(),
     ]);
-    lib_file(&dir.join("debug"), lib)
+    dir.join("debug")
+}
+
+/// Builds `tests/fixtures/<crate_dir>` and returns its `lib<lib>.so`.
+pub fn fixture(crate_dir: &str, lib: &str) -> PathBuf {
+    lib_file(&fixture_dir(crate_dir), lib)
 }
 
 /// The bundled model (f32 stories260K).

@@ -1,9 +1,16 @@
 //! Statistics of subset inputs, served to plugins through the host services.
 //!
-//! Plugins declare what they need ([`gs_plugin_api::StatsRequest`]); the host computes it once
-//! per subset input and shares it between every algorithm of the pipeline. This version runs
-//! data-free pipelines only, so no statistics source exists yet: a plugin that asks for one
-//! gets a `NOT_AVAILABLE` error naming the missing `[calibration]` support.
+//! Plugins declare what they need ([`gs_plugin_api::StatsRequest`]); the host computes it in
+//! one pass over the block's calibration inputs ([`Accumulator`]), keeps it in a per-block
+//! [`StatsCache`] shared by every algorithm of the pipeline, and drops exactly the statistics a
+//! transform made stale. The scheduler does not run calibrated passes yet, so a stage that
+//! requests statistics is still refused before any work.
+
+mod accumulate;
+mod cache;
+
+pub use accumulate::{Accumulator, XtxAccumulate};
+pub use cache::{InputStats, StatsCache, TapRank};
 
 use gs_plugin_api::StatKind;
 
