@@ -274,6 +274,8 @@ impl<'m> FakeQuantExport<'m> {
             out.write_all(bytes)
                 .map_err(ExportError::io("write", &plan.path))?;
             pos = Some(offset + bytes.len() as u64);
+            // Copied: drop the source pages so peak RSS does not grow with the model.
+            self.model.weights.release(name)?;
         }
         out.flush().map_err(ExportError::io("write", &plan.path))?;
         Ok(())

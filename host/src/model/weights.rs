@@ -81,6 +81,28 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// Drops the pages of `range` (bytes of the file) from this process's memory.
+    fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        {
+            // SAFETY: a read-only, shared file mapping: MADV_DONTNEED only discards the
+            // process's copies of clean pages; the next access re-reads the same file bytes,
+            // so every outstanding `&[u8]` keeps its contents.
+            let r = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+            if let Err(e) = r {
+                tracing::debug!(shard = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
+
     /// File name inside the model directory (as in the index's `weight_map`).
     pub fn file_name(&self) -> &str {
         &self.file_name
@@ -303,6 +325,16 @@ impl Weights {
         let info = self.info(name)?;
         // In range: validated against the file length at open.
         Ok(&self.shards[info.shard].mmap[info.file_range()])
+    }
+
+    /// Drops the pages of tensor `name` from this process's memory. They stay in the OS page
+    /// cache and are simply read again on the next access, so this never changes what a
+    /// reader sees; it keeps peak RSS at one block's worth for models larger than RAM
+    /// (file-backed pages that were touched otherwise count as resident until unmapped).
+    pub fn release(&self, name: &str) -> Result<(), ModelError> {
+        let info = self.info(name)?;
+        self.shards[info.shard].release(info.file_range());
+        Ok(())
     }
 
     /// The tensor's values converted to `f32` (exact for BF16/F16/F32), row-major.

@@ -119,6 +119,8 @@ impl<'m> BlockTensors<'m> {
             return Ok(v.clone());
         }
         let v = self.model.weights.to_f32(name)?;
+        // The f32 copy is what the block works on; the mapped source pages can go.
+        self.model.weights.release(name)?;
         self.values.insert(name.to_string(), v.clone());
         Ok(v)
     }
