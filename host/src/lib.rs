@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod cli;
+pub mod data;
 pub mod export;
 pub mod manifest;
 pub mod model;
