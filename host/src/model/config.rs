@@ -43,6 +43,15 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// `dtype`, or the older `torch_dtype` if `dtype` is absent (e.g. `"bfloat16"`).
     pub dtype: Option<String>,
+    /// `rope_scaling` (absent or `null`: [`RopeScaling::None`]).
+    pub rope_scaling: RopeScaling,
+    /// `attention_bias` (default false): the attention linears have biases (Llama, Qwen3).
+    pub attention_bias: bool,
+    /// `mlp_bias` (default false): the MLP linears have biases (Llama).
+    pub mlp_bias: bool,
+    /// The attention window in tokens, if the model uses one: `sliding_window`, unless
+    /// `use_sliding_window` (Qwen) is present and false.
+    pub sliding_window: Option<usize>,
     /// The whole parsed file.
     pub raw: Value,
 }
@@ -94,6 +103,10 @@ impl ModelConfig {
             rope_theta: 0.0,
             tie_word_embeddings: false,
             dtype: None,
+            rope_scaling: RopeScaling::None,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
             raw,
         };
 
@@ -124,6 +137,14 @@ impl ModelConfig {
         cfg.dtype = match cfg.optional_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => cfg.optional_str("torch_dtype")?.map(str::to_string),
+        };
+
+        cfg.rope_scaling = RopeScaling::from_config(&cfg)?;
+        cfg.attention_bias = cfg.optional_bool("attention_bias")?.unwrap_or(false);
+        cfg.mlp_bias = cfg.optional_bool("mlp_bias")?.unwrap_or(false);
+        cfg.sliding_window = match cfg.optional_bool("use_sliding_window")? {
+            Some(false) => None,
+            _ => cfg.optional_usize("sliding_window")?,
         };
 
         cfg.num_key_value_heads = cfg
@@ -228,6 +249,107 @@ impl ModelConfig {
             key: key.to_string(),
             expected,
             found: describe(found),
+        }
+    }
+}
+
+/// `rope_scaling` of config.json: how RoPE frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE: `rope_scaling` absent, `null`, or `{"rope_type": "default"}`.
+    None,
+    /// `{"rope_type": "linear", "factor": f}`: positions divided by `f` (every inverse
+    /// frequency divided by `f`).
+    Linear {
+        /// `factor`.
+        factor: f64,
+    },
+    /// `{"rope_type": "llama3", ...}`: Llama 3.1's wavelength-dependent rule (low frequencies
+    /// divided by `factor`, high ones kept, a smooth blend between).
+    Llama3 {
+        /// `factor`.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor` (greater than `low_freq_factor`).
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// The `rope_type` values [`RopeScaling`] understands.
+const ROPE_TYPES: &str =
+    "one of \"default\", \"linear\", \"llama3\" (the supported rope_scaling types)";
+
+impl RopeScaling {
+    /// Reads `rope_scaling`; the type is `rope_type`, or the older `type` (as transformers
+    /// reads it).
+    fn from_config(cfg: &ModelConfig) -> Result<RopeScaling, ModelError> {
+        let obj = match cfg.raw.get("rope_scaling") {
+            None | Some(Value::Null) => return Ok(RopeScaling::None),
+            Some(Value::Object(o)) => o,
+            Some(v) => return Err(cfg.type_error("rope_scaling", "an object or null", v)),
+        };
+        let (type_key, kind) = match (obj.get("rope_type"), obj.get("type")) {
+            (Some(v), _) => ("rope_scaling.rope_type", v),
+            (None, Some(v)) => ("rope_scaling.type", v),
+            (None, None) => {
+                return Err(ModelError::ConfigKeyMissing {
+                    path: cfg.path.clone(),
+                    key: "rope_scaling.rope_type".to_string(),
+                })
+            }
+        };
+        let number = |key: &str| -> Result<f64, ModelError> {
+            let full = format!("rope_scaling.{key}");
+            match obj.get(key) {
+                None | Some(Value::Null) => Err(ModelError::ConfigKeyMissing {
+                    path: cfg.path.clone(),
+                    key: full,
+                }),
+                Some(v) => positive_f64(v).ok_or_else(|| cfg.type_error(&full, POSITIVE_NUMBER, v)),
+            }
+        };
+        match kind.as_str() {
+            Some("default") => Ok(RopeScaling::None),
+            Some("linear") => Ok(RopeScaling::Linear {
+                factor: number("factor")?,
+            }),
+            Some("llama3") => {
+                let key = "original_max_position_embeddings";
+                let original = match obj.get(key) {
+                    None | Some(Value::Null) => {
+                        return Err(ModelError::ConfigKeyMissing {
+                            path: cfg.path.clone(),
+                            key: format!("rope_scaling.{key}"),
+                        })
+                    }
+                    Some(v) => positive_usize(v).ok_or_else(|| {
+                        cfg.type_error(&format!("rope_scaling.{key}"), POSITIVE_INTEGER, v)
+                    })?,
+                };
+                let s = RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: number("low_freq_factor")?,
+                    high_freq_factor: number("high_freq_factor")?,
+                    original_max_position_embeddings: original,
+                };
+                match s {
+                    RopeScaling::Llama3 {
+                        low_freq_factor: lo,
+                        high_freq_factor: hi,
+                        ..
+                    } if hi <= lo => Err(ModelError::ConfigInconsistent {
+                        path: cfg.path.clone(),
+                        message: format!(
+                            "\"rope_scaling.high_freq_factor\" ({hi}) must be greater than \"rope_scaling.low_freq_factor\" ({lo})"
+                        ),
+                    }),
+                    s => Ok(s),
+                }
+            }
+            _ => Err(cfg.type_error(type_key, ROPE_TYPES, kind)),
         }
     }
 }
@@ -421,6 +543,130 @@ mod tests {
         assert!(err.to_string().len() < 200, "{err}");
         let err = parse("[1, 2]").unwrap_err();
         assert!(err.to_string().contains("a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn rope_scaling() {
+        use serde_json::json;
+        let c = ModelConfig::from_file(Path::new(STORIES)).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::None); // "rope_scaling": null
+        assert_eq!(
+            parse(&without("rope_scaling")).unwrap().rope_scaling,
+            RopeScaling::None
+        );
+        let c = parse(&with("rope_scaling", json!({"rope_type": "default"}))).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+        // The older "type" key, as transformers still reads it.
+        let c = parse(&with(
+            "rope_scaling",
+            json!({"type": "linear", "factor": 4.0}),
+        ))
+        .unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+        let c = parse(&with(
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        ))
+        .unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+
+        let err = |v: Value| parse(&with("rope_scaling", v)).unwrap_err().to_string();
+        let e = err(json!({"rope_type": "yarn", "factor": 4.0}));
+        assert!(
+            e.contains("\"rope_scaling.rope_type\"")
+                && e.contains("\"yarn\"")
+                && e.contains("\"linear\"")
+                && e.contains("\"llama3\"")
+                && e.contains("/m/config.json"),
+            "{e}"
+        );
+        let e = err(json!({"type": "dynamic", "factor": 2.0}));
+        assert!(
+            e.contains("\"rope_scaling.type\"") && e.contains("\"dynamic\""),
+            "{e}"
+        );
+        let e = err(json!({"factor": 2.0}));
+        assert!(e.contains("\"rope_scaling.rope_type\" is missing"), "{e}");
+        let e = err(json!({"rope_type": "linear"}));
+        assert!(e.contains("\"rope_scaling.factor\" is missing"), "{e}");
+        let e = err(json!({"rope_type": "linear", "factor": "4"}));
+        assert!(
+            e.contains("\"rope_scaling.factor\"") && e.contains("positive number"),
+            "{e}"
+        );
+        let e = err(
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0}),
+        );
+        assert!(
+            e.contains("rope_scaling.original_max_position_embeddings"),
+            "{e}"
+        );
+        let e = err(
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        );
+        assert!(e.contains("must be greater than"), "{e}");
+        let e = err(json!(2.0));
+        assert!(
+            e.contains("\"rope_scaling\"") && e.contains("an object or null"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn biases_and_sliding_window() {
+        let c = ModelConfig::from_file(Path::new(STORIES)).unwrap();
+        assert!(!c.attention_bias && !c.mlp_bias);
+        assert_eq!(c.sliding_window, None);
+        let c = parse(&with("attention_bias", true.into())).unwrap();
+        assert!(c.attention_bias && !c.mlp_bias);
+        let c = parse(&with("mlp_bias", true.into())).unwrap();
+        assert!(c.mlp_bias);
+        // Mistral: "sliding_window": 4096 (or null).
+        assert_eq!(
+            parse(&with("sliding_window", 4096.into()))
+                .unwrap()
+                .sliding_window,
+            Some(4096)
+        );
+        assert_eq!(
+            parse(&with("sliding_window", Value::Null))
+                .unwrap()
+                .sliding_window,
+            None
+        );
+        // Qwen: the window only applies with "use_sliding_window": true.
+        let mut m = minimal();
+        m.insert("sliding_window".into(), 32768.into());
+        m.insert("use_sliding_window".into(), false.into());
+        assert_eq!(
+            parse(&Value::Object(m.clone()).to_string())
+                .unwrap()
+                .sliding_window,
+            None
+        );
+        m.insert("use_sliding_window".into(), true.into());
+        assert_eq!(
+            parse(&Value::Object(m).to_string()).unwrap().sliding_window,
+            Some(32768)
+        );
+        let e = parse(&with("attention_bias", 1.into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"attention_bias\"") && e.contains("true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod config;
 mod dtype;
 mod error;
+pub mod forward;
 mod header;
 mod inspect;
 #[cfg(test)]
@@ -15,7 +16,7 @@ mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use config::ModelConfig;
+pub use config::{ModelConfig, RopeScaling};
 pub use dtype::{dtype_bytes_to_f32, f32_to_dtype_bytes, DType, DTypeError};
 pub use error::ModelError;
 pub(crate) use header::{encode_header, HeaderTensor};
