@@ -208,10 +208,10 @@ fn a_wrong_shape_result_is_refused() {
 }
 
 #[test]
-fn an_algorithm_needing_statistics_is_refused_before_any_work() {
+fn an_algorithm_needing_statistics_without_calibration_is_refused_before_any_work() {
     let e = run_failing("test_needs_hessian");
     assert!(
-        e.contains("test_needs_hessian") && e.contains("hessian"),
+        e.contains("test_needs_hessian") && e.contains("hessian") && e.contains("[calibration]"),
         "{e}"
     );
 }
@@ -409,5 +409,37 @@ fn plugins_are_found_through_gs_plugin_path() {
     assert!(
         s.contains("gs-rtn"),
         "the built-in plugins are still listed: {s}"
+    );
+}
+
+#[test]
+fn rtn_runs_block_by_block_on_calibration_data_with_the_same_result() {
+    let work = tempfile::tempdir().unwrap();
+    let data = root().join("assets/data/tinystories/tinystories-sample.txt");
+    let calib = format!(
+        "[calibration]\ndataset = \"{}\"\nnsamples = 16\nseqlen = 64\n\n[[pipeline]]\nalgorithm = \"rtn\"",
+        data.display()
+    );
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let m = write_manifest(work.path(), &manifest_text(&stories260k(), &a, &calib));
+    let o = gs_host(work.path(), &["check", "--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("calibration 16 × 64 tokens"),
+        "{}",
+        stdout(&o)
+    );
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(&stories260k(), &b, "[[pipeline]]\nalgorithm = \"rtn\""),
+    );
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // RTN is data-free: the calibrated pass must not change its result.
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap()
     );
 }

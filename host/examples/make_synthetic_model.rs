@@ -37,21 +37,57 @@ struct Tensor {
 fn tensors(layers: usize, hidden: usize, ffn: usize, kv: usize) -> Vec<Tensor> {
     let t = |name: String, shape: Vec<usize>, norm| Tensor { name, shape, norm };
     let mut v = vec![
-        t("model.embed_tokens.weight".into(), vec![VOCAB, hidden], false),
+        t(
+            "model.embed_tokens.weight".into(),
+            vec![VOCAB, hidden],
+            false,
+        ),
         t("model.norm.weight".into(), vec![hidden], true),
         t("lm_head.weight".into(), vec![VOCAB, hidden], false),
     ];
     for i in 0..layers {
         let p = format!("model.layers.{i}");
         v.push(t(format!("{p}.input_layernorm.weight"), vec![hidden], true));
-        v.push(t(format!("{p}.post_attention_layernorm.weight"), vec![hidden], true));
-        v.push(t(format!("{p}.self_attn.q_proj.weight"), vec![hidden, hidden], false));
-        v.push(t(format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden], false));
-        v.push(t(format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden], false));
-        v.push(t(format!("{p}.self_attn.o_proj.weight"), vec![hidden, hidden], false));
-        v.push(t(format!("{p}.mlp.gate_proj.weight"), vec![ffn, hidden], false));
-        v.push(t(format!("{p}.mlp.up_proj.weight"), vec![ffn, hidden], false));
-        v.push(t(format!("{p}.mlp.down_proj.weight"), vec![hidden, ffn], false));
+        v.push(t(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![hidden],
+            true,
+        ));
+        v.push(t(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![hidden, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![hidden, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![ffn, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![ffn, hidden],
+            false,
+        ));
+        v.push(t(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![hidden, ffn],
+            false,
+        ));
     }
     v
 }
@@ -124,7 +160,10 @@ fn main() -> Result<()> {
         eprintln!("wrote {name}");
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index)?,
+    )?;
     let config = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "bfloat16",
         "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
@@ -135,7 +174,11 @@ fn main() -> Result<()> {
     });
     std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/stories260K");
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(assets.join(f), out.join(f)).with_context(|| format!("copy {f}"))?;
     }
     eprintln!(

@@ -7,11 +7,13 @@ use sha2::{Digest, Sha256};
 
 use super::{Cli, Command};
 use crate::arch::{self, Family};
+use crate::data::{calibration_windows, CalibrationSpec, Tokenizer, Windows};
+use crate::device::CpuDevice;
 use crate::export::{FakeQuantExport, RUN_RECORD};
 use crate::manifest::{ExportFormat, Manifest};
 use crate::model::Model;
 use crate::plugins::{AlgorithmInstance, Pin, PluginRegistry, SearchPath};
-use crate::scheduler::{self, RunSummary};
+use crate::scheduler::{self, Calibration, RunSummary};
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     match (&cli.command, &cli.manifest) {
@@ -95,6 +97,8 @@ struct Prepared {
     model: Model,
     family: Family,
     stages: Vec<AlgorithmInstance>,
+    /// Calibration windows, when the manifest has `[calibration]`.
+    windows: Option<Windows>,
 }
 
 fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
@@ -109,10 +113,10 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         let inst = reg
             .create(&stage.algorithm, &stage.params_text())
             .with_context(|| format!("{}: [[pipeline]] stage", stage.at))?;
-        if !inst.required.is_empty() {
+        if !inst.required.is_empty() && manifest.calibration.is_none() {
             let kinds: Vec<_> = inst.required.kinds().map(|k| k.name()).collect();
             bail!(
-                "{}: algorithm `{}` needs calibration statistics ({}), which this gs-host version cannot compute yet; only data-free algorithms can run",
+                "{}: algorithm `{}` needs calibration statistics ({}); add a [calibration] section with a dataset (see docs/manifest.md)",
                 stage.at,
                 inst.name,
                 kinds.join(", ")
@@ -120,13 +124,25 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         }
         stages.push(inst);
     }
-    if manifest.calibration.is_some() {
-        tracing::warn!(
-            "{mpath}: [calibration] is ignored: no stage of this pipeline uses calibration data"
-        );
-    }
     let model = Model::open(&manifest.model.path)
         .with_context(|| format!("cannot open the model of {mpath}"))?;
+    let windows = match &manifest.calibration {
+        None => None,
+        Some(c) => {
+            let tokenizer = Tokenizer::from_model_dir(&model.dir)?;
+            let spec = CalibrationSpec {
+                dataset: c.dataset.clone(),
+                text_field: c.text_field.clone(),
+                nsamples: c.nsamples,
+                seqlen: c.seqlen,
+                seed: c.seed,
+                vocab_size: Some(model.config.vocab_size),
+            };
+            let w = calibration_windows(&spec, &tokenizer)
+                .with_context(|| format!("{mpath}: [calibration]"))?;
+            Some(w)
+        }
+    };
     let family = arch::family_for(
         &model.config.architectures,
         &model.config.path.display().to_string(),
@@ -147,7 +163,7 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         .filter(|l| !manifest.plan.scheme_for(l).is_skip())
         .count();
     println!(
-        "ok: {} stage(s) [{}]; model {} ({}, {} blocks); {} of {} linear layers quantized; output {} ({})",
+        "ok: {} stage(s) [{}]; model {} ({}, {} blocks); {} of {} linear layers quantized; {}; output {} ({})",
         stages.len(),
         stages
             .iter()
@@ -159,6 +175,10 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         model.config.num_hidden_layers,
         quantized,
         linears.len(),
+        match &windows {
+            Some(w) => format!("calibration {} × {} tokens", w.n(), w.seqlen()),
+            None => "data-free".to_string(),
+        },
         manifest.export.output.display(),
         manifest.export.format.name(),
     );
@@ -167,6 +187,7 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         model,
         family,
         stages,
+        windows,
     })
 }
 
@@ -176,14 +197,26 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
         model,
         family,
         mut stages,
+        windows,
     } = check(path, dirs)?;
     let started = std::time::Instant::now();
     let ExportFormat::Fake = manifest.export.format;
     let mut export = FakeQuantExport::begin(&model, &manifest.export.output, force)
         .with_context(|| format!("cannot write {}", manifest.export.output.display()))?;
-    let summary = scheduler::run(&model, &family, &manifest.plan, &mut stages, &mut |n, v| {
-        export.replace(n, v).map_err(|e| e.to_string())
-    })?;
+    let device = CpuDevice::new();
+    let calibration = windows.as_ref().map(|w| Calibration {
+        windows: w,
+        sequential: manifest.run.sequential,
+        device: &device,
+    });
+    let summary = scheduler::run(
+        &model,
+        &family,
+        &manifest.plan,
+        &mut stages,
+        calibration.as_ref(),
+        &mut |n, v| export.replace(n, v).map_err(|e| e.to_string()),
+    )?;
     let provenance = provenance(&manifest, &stages, &summary)?;
     export.add_file(RUN_RECORD, provenance.as_bytes())?;
     export.finish()?;

@@ -1,24 +1,39 @@
 //! The block scheduler: walks the decoder blocks one at a time and runs the pipeline on each
 //! block's subsets.
 //!
-//! Only one block's linear weights (and the prev_op weights) are held in f32 at a time; the
-//! rest of the model stays memory-mapped. Within a block the order is *stage-major*: stage 1
-//! runs on every subset of the block, then stage 2, … (so a smoothing stage has folded all its
-//! scales before a quantizing stage sees the weights). Changed tensors are handed to a sink
-//! (the exporter) as soon as their block is done.
+//! Only one block's weights are held in f32 at a time (plus, in a calibrated run, the
+//! calibration activations `[nsamples · seqlen, hidden]`); the rest of the model stays
+//! memory-mapped and each source tensor's pages are released once converted. Within a block
+//! the order is *stage-major*: stage 1 runs on every subset of the block, then stage 2, … (so a
+//! smoothing stage has folded all its scales before a quantizing stage sees the weights).
+//! Changed tensors go to a sink (the exporter) as soon as their block is done.
 //!
-//! This version runs data-free pipelines (no calibration activations): statistics and the
-//! module-forward service answer `NOT_AVAILABLE`.
+//! With calibration data, each block runs on the calibration activations: statistics a stage
+//! requests are computed in one forward pass over the block (every missing subset at once),
+//! cached, and dropped exactly where a transform changed an upstream module, so a later subset
+//! is calibrated on the inputs the already-transformed modules produce. After the pipeline the
+//! block's output is recomputed with the transformed weights and fed to the next block
+//! (sequential, GPTQ-style), or the float block output is fed instead (`[run] sequential =
+//! false`).
 
 use std::collections::BTreeMap;
 
+use std::path::PathBuf;
+
+use gs_plugin_api::StatsRequest;
 use gs_quant::{Granularity, QParams, Scheme};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::arch::{BlockSubset, Family, PrevOpKind};
+use crate::arch::{BlockSubset, Family, LinearRole, PrevOpKind, Tap};
+use crate::data::Windows;
+use crate::device::Device;
 use crate::manifest::QuantPlan;
+use crate::model::forward::{
+    block_forward, BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
+};
 use crate::model::{Model, ModelError};
 use crate::plugins::{AlgorithmInstance, LayerState, PluginError, PrevOpState, SubsetRun};
+use crate::stats::{Accumulator, InputStats, StatsCache, TapRank};
 
 /// Why a scheduled run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +51,8 @@ pub enum ScheduleError {
         inp: usize,
         group: u32,
     },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
     #[error("{0}")]
     Sink(String),
 }
@@ -57,6 +74,9 @@ pub struct RunSummary {
     pub layers: Vec<LayerReport>,
     /// Tensors handed to the sink (weights, biases, prev_op weights that changed).
     pub tensors_written: usize,
+    /// Forward passes run to compute statistics (one per block unless a transform made
+    /// statistics stale and a later stage needed them again).
+    pub stats_passes: usize,
 }
 
 /// The linear layers of every block, with full names, in block order.
@@ -114,21 +134,67 @@ impl<'m> BlockTensors<'m> {
         }
     }
 
-    fn get(&mut self, name: &str) -> Result<Vec<f32>, ScheduleError> {
-        if let Some(v) = self.values.get(name) {
-            return Ok(v.clone());
+    fn load(&mut self, name: &str) -> Result<&Vec<f32>, ModelError> {
+        if !self.values.contains_key(name) {
+            let v = self.model.weights.to_f32(name)?;
+            // The f32 copy is what the block works on; the mapped source pages can go.
+            self.model.weights.release(name)?;
+            self.values.insert(name.to_string(), v);
         }
-        let v = self.model.weights.to_f32(name)?;
-        // The f32 copy is what the block works on; the mapped source pages can go.
-        self.model.weights.release(name)?;
-        self.values.insert(name.to_string(), v.clone());
-        Ok(v)
+        Ok(&self.values[name])
+    }
+
+    fn get(&mut self, name: &str) -> Result<Vec<f32>, ScheduleError> {
+        Ok(self.load(name)?.clone())
     }
 
     fn put(&mut self, name: &str, v: Vec<f32>) {
         self.values.insert(name.to_string(), v);
         self.changed.insert(name.to_string(), true);
     }
+
+    /// Loads every tensor of the block (`prefix.*`), so the forward can read them by name.
+    fn load_block(&mut self, prefix: &str) -> Result<(), ModelError> {
+        let dotted = format!("{prefix}.");
+        let names: Vec<String> = self
+            .model
+            .weights
+            .names()
+            .filter(|n| n.starts_with(&dotted))
+            .map(str::to_string)
+            .collect();
+        for n in names {
+            self.load(&n)?;
+        }
+        Ok(())
+    }
+}
+
+/// The block's current (possibly transformed) tensors, as the forward reads them.
+impl TensorSource for BlockTensors<'_> {
+    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
+        let Some(values) = self.values.get(name) else {
+            return Ok(None);
+        };
+        Ok(Some(TensorF32 {
+            shape: self.model.weights.info(name)?.shape().to_vec(),
+            values: values.clone(),
+        }))
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.model.dir.clone()
+    }
+}
+
+/// The calibration data of a run.
+pub struct Calibration<'a> {
+    pub windows: &'a Windows,
+    /// `true`: each block's input is the previous block's output computed with its transformed
+    /// weights (GPTQ-style); `false`: the float model's block outputs.
+    pub sequential: bool,
+    /// Where the forward passes run.
+    pub device: &'a dyn Device,
 }
 
 /// Receives `(tensor name, f32 values)` for every tensor a block changed (the exporter).
@@ -141,6 +207,7 @@ pub fn run(
     family: &Family,
     plan: &QuantPlan,
     stages: &mut [AlgorithmInstance],
+    calibration: Option<&Calibration<'_>>,
     sink: &mut TensorSink<'_>,
 ) -> Result<RunSummary, ScheduleError> {
     let n_blocks = model.config.num_hidden_layers;
@@ -157,17 +224,71 @@ pub fn run(
         blocks: n_blocks,
         ..Default::default()
     };
+    // Everything any stage asks for is computed in the same pass.
+    let request = stages
+        .iter()
+        .fold(StatsRequest::NONE, |acc, s| acc | s.required);
+    let mut hidden = match calibration {
+        Some(c) => Some(Decoder::new(model)?.embed(c.windows.ids())?),
+        None => None,
+    };
     for block in 0..n_blocks {
         let _span = tracing::info_span!("block", block).entered();
         let subsets = family.block_subsets(block);
         let mut tensors = BlockTensors::new(model);
         let mut reports: BTreeMap<String, LayerReport> = BTreeMap::new();
+        let mut cache = StatsCache::default();
+        let mut calib = match (calibration, hidden.as_mut()) {
+            (Some(c), Some(h)) => {
+                tensors.load_block(&family.block_prefix(block))?;
+                let float_out = if c.sequential {
+                    None
+                } else {
+                    let mut out = h.clone();
+                    forward_block(model, family, block, &tensors, c, &mut out, &mut |_, _| {})?;
+                    Some(out)
+                };
+                Some((c, h, float_out))
+            }
+            _ => None,
+        };
         for stage in stages.iter_mut() {
-            for subset in &subsets {
+            for (si, subset) in subsets.iter().enumerate() {
                 let _s = tracing::debug_span!("subset", subset = %subset.name).entered();
+                let needed = stage.required;
+                if let Some((c, h, _)) = calib.as_mut() {
+                    if cache.needs(&subset.name, needed) {
+                        collect_stats(
+                            model, family, block, &subsets, &tensors, c, h, request, &mut cache,
+                        )?;
+                        summary.stats_passes += 1;
+                    }
+                }
+                let stats = if needed.is_empty() {
+                    None
+                } else {
+                    cache.get(&subsets[si].name, needed)
+                };
                 let mut run = subset_run(model, plan, block, subset, &mut tensors)?;
+                run.stats = stats.map(|s| s as &dyn crate::stats::SubsetStats);
                 stage.transform(&mut run)?;
-                write_back(&mut tensors, &mut reports, run);
+                let changed = write_back(&mut tensors, &mut reports, run);
+                if let Some(from) = changed
+                    .iter()
+                    .filter_map(|t| invalidates_from(family, block, t))
+                    .min()
+                {
+                    let dropped = cache.invalidate_from(from);
+                    if !dropped.is_empty() {
+                        tracing::debug!(?dropped, "statistics made stale by {}", stage.name);
+                    }
+                }
+            }
+        }
+        if let Some((c, h, float_out)) = calib {
+            match float_out {
+                Some(out) => *h = out,
+                None => forward_block(model, family, block, &tensors, c, h, &mut |_, _| {})?,
             }
         }
         for (name, changed) in &tensors.changed {
@@ -183,6 +304,99 @@ pub fn run(
     }
     bar.finish_and_clear();
     Ok(summary)
+}
+
+/// Runs block `block` with its current tensors on `h` (updated in place).
+fn forward_block(
+    model: &Model,
+    family: &Family,
+    block: usize,
+    tensors: &BlockTensors<'_>,
+    c: &Calibration<'_>,
+    h: &mut [f32],
+    tap: &mut dyn FnMut(Tap, &[f32]),
+) -> Result<(), ScheduleError> {
+    let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
+    let (n, seqlen) = (c.windows.n(), c.windows.seqlen());
+    block_forward(c.device, &model.config, &w, h, n, seqlen, tap)?;
+    Ok(())
+}
+
+/// One forward pass over the block's calibration input that computes `request` for every
+/// subset whose statistics are missing, and caches them.
+#[allow(clippy::too_many_arguments)]
+fn collect_stats(
+    model: &Model,
+    family: &Family,
+    block: usize,
+    subsets: &[BlockSubset],
+    tensors: &BlockTensors<'_>,
+    c: &Calibration<'_>,
+    h: &[f32],
+    request: StatsRequest,
+    cache: &mut StatsCache,
+) -> Result<(), ScheduleError> {
+    let mut pending: Vec<(usize, Option<Accumulator>)> = subsets
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| cache.needs(&s.name, request))
+        .map(|(i, _)| (i, None))
+        .collect();
+    let tokens = c.windows.n() * c.windows.seqlen();
+    let mut failure = None;
+    let mut tap = |t: Tap, x: &[f32]| {
+        for (i, acc) in pending.iter_mut() {
+            if subsets[*i].tap != t {
+                continue;
+            }
+            let k = x.len() / tokens.max(1);
+            let acc = acc.get_or_insert_with(|| Accumulator::new(request, k));
+            acc.observe(x, &mut |x, m, k, h| {
+                if let Err(e) = c.device.xtx_accumulate_f64(x, m, k, h) {
+                    failure.get_or_insert(e);
+                }
+            });
+        }
+    };
+    let mut scratch = h.to_vec();
+    forward_block(model, family, block, tensors, c, &mut scratch, &mut tap)?;
+    if let Some(e) = failure {
+        return Err(ForwardError::from(e).into());
+    }
+    for (i, acc) in pending {
+        let stats: InputStats = acc.map(Accumulator::finish).unwrap_or_default();
+        tracing::debug!(subset = %subsets[i].name, tokens = stats.tokens, "statistics computed");
+        cache.insert(&subsets[i].name, subsets[i].tap.rank(), stats);
+    }
+    Ok(())
+}
+
+/// The first tap whose input a change to `tensor` makes stale, or `None` when no subset
+/// input of the block depends on it (down_proj, or a tensor outside the block).
+fn invalidates_from(family: &Family, block: usize, tensor: &str) -> Option<TapRank> {
+    let prefix = format!("{}.", family.block_prefix(block));
+    let module = tensor
+        .strip_prefix(&prefix)?
+        .strip_suffix(".weight")
+        .or_else(|| tensor.strip_prefix(&prefix)?.strip_suffix(".bias"))?;
+    let m = &family.modules;
+    if module == m.input_norm {
+        return Some(Tap::AttnInput.rank());
+    }
+    if module == m.post_attention_norm {
+        return Some(Tap::MlpInput.rank());
+    }
+    if [&m.q_norm, &m.k_norm]
+        .iter()
+        .any(|n| n.as_deref() == Some(module))
+    {
+        return Some(Tap::AttnContext.rank());
+    }
+    LinearRole::ALL
+        .iter()
+        .find(|r| m.linear(**r) == module)
+        .map(|r| r.input_tap().rank() + 1)
+        .filter(|rank| *rank <= Tap::MlpHidden.rank())
 }
 
 /// Builds the context one stage sees of one subset, from the block's current tensors.
@@ -251,12 +465,18 @@ fn subset_run<'a>(
     })
 }
 
-/// Moves what a stage changed back into the block's tensors and the layer reports.
+/// Moves what a stage changed back into the block's tensors and the layer reports; returns
+/// the names of the tensors that changed.
 fn write_back(
     tensors: &mut BlockTensors<'_>,
     reports: &mut BTreeMap<String, LayerReport>,
     run: SubsetRun<'_>,
-) {
+) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut put = |tensors: &mut BlockTensors<'_>, name: String, v: Vec<f32>| {
+        tensors.put(&name, v);
+        changed.push(name);
+    };
     for l in run.layers {
         let r = reports
             .entry(l.name.clone())
@@ -271,13 +491,14 @@ fn write_back(
         }
         r.metrics.extend(l.metrics);
         if l.weight_changed {
-            tensors.put(&format!("{}.weight", l.name), l.weight);
+            put(tensors, format!("{}.weight", l.name), l.weight);
         }
         if let (true, Some(b)) = (l.bias_changed, l.bias) {
-            tensors.put(&format!("{}.bias", l.name), b);
+            put(tensors, format!("{}.bias", l.name), b);
         }
     }
     if let Some(p) = run.prev_op.filter(|p| p.changed) {
-        tensors.put(&format!("{}.weight", p.name), p.weight);
+        put(tensors, format!("{}.weight", p.name), p.weight);
     }
+    changed
 }

@@ -1,4 +1,4 @@
-//! Algorithms that misbehave on purpose (tests only; never shipped).
+//! Test-only algorithms: some misbehave on purpose, others report what the host serves.
 
 use gs_plugin_api::{export_plugin, Algorithm, PluginError, Subset};
 
@@ -75,8 +75,54 @@ impl Algorithm for NeedsStats {
     }
 }
 
+/// Reads the statistics of every subset and reports them as metrics, so tests can check what
+/// the host served: `tokens`, `absmax_max` (max over channels) and `hessian_trace` (Σ diag).
+pub struct StatsProbe;
+impl Algorithm for StatsProbe {
+    const NAME: &'static str = "test_stats_probe";
+    const SUMMARY: &'static str = "reports the statistics it is served";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(StatsProbe)
+    }
+    fn required_stats(&self) -> gs_plugin_api::StatsRequest {
+        gs_plugin_api::StatsRequest::ABSMAX | gs_plugin_api::StatsRequest::HESSIAN
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        use gs_plugin_api::StatKind;
+        let tokens = subset.token_count()? as f64;
+        let absmax = subset.stat(StatKind::ABSMAX)?;
+        let absmax_max = absmax.iter().fold(0.0f32, |m, v| m.max(*v)) as f64;
+        let k = absmax.len();
+        let h = subset.stat(StatKind::HESSIAN)?;
+        let trace: f64 = (0..k).map(|i| f64::from(h[i * k + i])).sum();
+        for i in 0..subset.len() {
+            subset.report_metric(i, "tokens", tokens);
+            subset.report_metric(i, "absmax_max", absmax_max);
+            subset.report_metric(i, "hessian_trace", trace);
+        }
+        Ok(())
+    }
+}
+
+/// Doubles a norm prev_op (the input of its subset doubles), to test stale statistics.
+pub struct DoubleNorm;
+impl Algorithm for DoubleNorm {
+    const NAME: &'static str = "test_double_norm";
+    const SUMMARY: &'static str = "doubles every norm that feeds a subset";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(DoubleNorm)
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        if subset.prev_op() != gs_plugin_api::PrevOpKind::NORM {
+            return Ok(());
+        }
+        let w: Vec<f32> = subset.prev_op_weight()?.iter().map(|v| v * 2.0).collect();
+        subset.set_prev_op_weight(&w)
+    }
+}
+
 export_plugin! {
     name: "gs-test-misbehave",
     vendor: "gs-host tests",
-    algorithms: [Panics, PanicsOnCreate, WritesNan, WrongShape, NeedsStats],
+    algorithms: [Panics, PanicsOnCreate, WritesNan, WrongShape, NeedsStats, StatsProbe, DoubleNorm],
 }

@@ -1,0 +1,132 @@
+//! The calibrated block scheduler through real plugins: statistics are what the definition
+//! says, computed once per block, and recomputed (never served stale) after an upstream change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use gs_host::arch::family_for;
+use gs_host::data::{calibration_windows, CalibrationSpec, Tokenizer, Windows};
+use gs_host::device::{CpuDevice, Device};
+use gs_host::manifest::Manifest;
+use gs_host::model::forward::Decoder;
+use gs_host::model::Model;
+use gs_host::plugins::{PluginRegistry, PluginSource, SearchPath};
+use gs_host::scheduler::{self, Calibration, RunSummary};
+use gs_tests::*;
+
+fn windows(model: &Path) -> Windows {
+    let spec = CalibrationSpec {
+        dataset: root().join("assets/data/tinystories/tinystories-sample.txt"),
+        text_field: "text".into(),
+        nsamples: 16,
+        seqlen: 64,
+        seed: 0,
+        vocab_size: None,
+    };
+    calibration_windows(&spec, &Tokenizer::from_model_dir(model).unwrap()).unwrap()
+}
+
+/// Runs `algorithms` (test plugins) with calibration on the bundled model; returns the summary.
+fn run(algorithms: &[&str]) -> RunSummary {
+    let model = Model::open(&stories260k()).unwrap();
+    let family = family_for(&model.config.architectures, "config.json").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &work.path().join("out"),
+            "[[pipeline]]\nalgorithm = \"rtn\"",
+        ),
+    );
+    let plan = Manifest::load(&m).unwrap().plan;
+    let dir = misbehave_plugin().parent().unwrap().to_path_buf();
+    let reg = PluginRegistry::load(
+        &SearchPath {
+            dirs: vec![(dir, PluginSource::Flag)],
+            files: vec![],
+        },
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let mut stages: Vec<_> = algorithms
+        .iter()
+        .map(|a| reg.create(a, "").unwrap())
+        .collect();
+    let w = windows(&stories260k());
+    let device = CpuDevice::new();
+    let calib = Calibration {
+        windows: &w,
+        sequential: true,
+        device: &device,
+    };
+    scheduler::run(
+        &model,
+        &family,
+        &plan,
+        &mut stages,
+        Some(&calib),
+        &mut |_, _| Ok(()),
+    )
+    .unwrap()
+}
+
+/// The `key` metrics a layer received, in pipeline order.
+fn metric(s: &RunSummary, layer: &str, key: &str) -> Vec<f64> {
+    let l = s.layers.iter().find(|l| l.name == layer).unwrap();
+    l.metrics
+        .iter()
+        .filter(|(_, k, _)| k == key)
+        .map(|(_, _, v)| *v)
+        .collect()
+}
+
+const Q0: &str = "model.layers.0.self_attn.q_proj";
+
+#[test]
+fn served_statistics_equal_their_definition() {
+    let s = run(&["test_stats_probe"]);
+    // The qkv input of block 0 is X = RMSNorm(embed(ids)) ⊙ γ, [16·64 tokens, 64].
+    let model = Model::open(&stories260k()).unwrap();
+    let w = windows(&stories260k());
+    let h = Decoder::new(&model).unwrap().embed(w.ids()).unwrap();
+    let gamma = model
+        .weights
+        .to_f32("model.layers.0.input_layernorm.weight")
+        .unwrap();
+    let mut x = vec![0.0; h.len()];
+    CpuDevice::new()
+        .rms_norm(&h, &gamma, model.config.rms_norm_eps as f32, &mut x)
+        .unwrap();
+    let trace: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert_eq!(metric(&s, Q0, "tokens"), [1024.0]);
+    assert_eq!(metric(&s, Q0, "absmax_max"), [f64::from(absmax)]);
+    let got = metric(&s, Q0, "hessian_trace")[0];
+    assert!(
+        (got - trace).abs() <= 1e-5 * trace,
+        "trace {got} vs {trace}"
+    );
+}
+
+#[test]
+fn a_statistic_requested_by_two_stages_is_computed_once_per_block() {
+    let s = run(&["test_stats_probe", "test_stats_probe"]);
+    assert_eq!(s.stats_passes, 5, "one pass per block of stories260K");
+    let t = metric(&s, Q0, "hessian_trace");
+    assert_eq!(t.len(), 2);
+    assert_eq!(t[0], t[1]);
+}
+
+#[test]
+fn an_upstream_change_is_never_served_stale() {
+    let s = run(&["test_stats_probe", "test_double_norm", "test_stats_probe"]);
+    // Doubling input_layernorm doubles the qkv input exactly, so XᵀX is 4× — the second probe
+    // must see it, which takes a second pass in every block.
+    assert_eq!(s.stats_passes, 10);
+    let t = metric(&s, Q0, "hessian_trace");
+    assert_eq!(t.len(), 2);
+    assert_eq!(t[1], 4.0 * t[0], "{t:?}");
+    let a = metric(&s, Q0, "absmax_max");
+    assert_eq!(a[1], 2.0 * a[0]);
+}
