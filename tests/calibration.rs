@@ -130,3 +130,35 @@ fn an_upstream_change_is_never_served_stale() {
     let a = metric(&s, Q0, "absmax_max");
     assert_eq!(a[1], 2.0 * a[0]);
 }
+
+#[test]
+fn the_module_forward_runs_the_inspected_module_with_candidate_weights() {
+    let s = run(&["test_module_probe"]);
+    // Independently: block 0's attention (through o_proj) on its qkv input.
+    let model = Model::open(&stories260k()).unwrap();
+    let family = family_for(&model.config.architectures, "config.json").unwrap();
+    let w = windows(&stories260k());
+    let h = Decoder::new(&model).unwrap().embed(w.ids()).unwrap();
+    let bw = gs_host::model::forward::BlockWeights::load(&model, &family, 0).unwrap();
+    let dev = CpuDevice::new();
+    let mut x = vec![0.0; h.len()];
+    dev.rms_norm(&h, &bw.input_norm, model.config.rms_norm_eps as f32, &mut x)
+        .unwrap();
+    let y =
+        gs_host::model::forward::attention_forward(&dev, &model.config, &bw, &x, w.n(), w.seqlen())
+            .unwrap();
+    let expected: f64 = y.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+    let got = metric(&s, Q0, "out_sq")[0];
+    assert!(
+        (got - expected).abs() <= 1e-6 * expected,
+        "{got} vs {expected}"
+    );
+    assert_eq!(metric(&s, Q0, "out_sq_again"), [got]);
+    // A zeroed candidate reaches the module: o_proj, gate_proj (silu(0)·up = 0) and down_proj
+    // outputs vanish; the source weights are untouched (the second call above was unchanged).
+    for layer in ["self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"] {
+        let name = format!("model.layers.0.{layer}");
+        assert_eq!(metric(&s, &name, "out_sq_zero_first"), [0.0], "{name}");
+        assert!(metric(&s, &name, "out_sq")[0] > 0.0, "{name}");
+    }
+}

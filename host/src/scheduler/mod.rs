@@ -18,6 +18,8 @@
 
 use std::collections::BTreeMap;
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::path::PathBuf;
 
 use gs_plugin_api::StatsRequest;
@@ -29,10 +31,13 @@ use crate::data::Windows;
 use crate::device::Device;
 use crate::manifest::QuantPlan;
 use crate::model::forward::{
-    block_forward, BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
+    attention_forward, block_forward, mlp_forward, BlockWeights, Decoder, ForwardError, TensorF32,
+    TensorSource,
 };
 use crate::model::{Model, ModelError};
-use crate::plugins::{AlgorithmInstance, LayerState, PluginError, PrevOpState, SubsetRun};
+use crate::plugins::{
+    AlgorithmInstance, LayerState, ModuleForward, PluginError, PrevOpState, SubsetRun,
+};
 use crate::stats::{Accumulator, InputStats, StatsCache, TapRank};
 
 /// Why a scheduled run stopped.
@@ -271,8 +276,25 @@ pub fn run(
                 };
                 let mut run = subset_run(model, plan, block, subset, &mut tensors)?;
                 run.stats = stats.map(|s| s as &dyn crate::stats::SubsetStats);
+                let module = calib.as_ref().map(|(c, h, _)| InspectedModule {
+                    model,
+                    family,
+                    block,
+                    subset,
+                    tensors: &tensors,
+                    calibration: c,
+                    block_input: h,
+                    input: OnceCell::new(),
+                    weights: OnceCell::new(),
+                });
+                run.forward = module.as_ref().map(|m| m as &dyn ModuleForward);
                 stage.transform(&mut run)?;
-                let changed = write_back(&mut tensors, &mut reports, run);
+                // Keep only what the stage changed; the borrows of `tensors` end here.
+                let SubsetRun {
+                    layers, prev_op, ..
+                } = run;
+                drop(module);
+                let changed = write_back(&mut tensors, &mut reports, layers, prev_op);
                 if let Some(from) = changed
                     .iter()
                     .filter_map(|t| invalidates_from(family, block, t))
@@ -369,6 +391,120 @@ fn collect_stats(
         cache.insert(&subsets[i].name, subsets[i].tap.rank(), stats);
     }
     Ok(())
+}
+
+/// The module-forward service of one subset: runs its inspected module (attention through
+/// o_proj, the MLP through down_proj, or the single linear) on the subset's calibration input
+/// with candidate weights. The input and the block's weights are computed once per transform
+/// call, so a search calling it many times pays only for the module itself.
+struct InspectedModule<'a, 'm> {
+    model: &'m Model,
+    family: &'a Family,
+    block: usize,
+    subset: &'a BlockSubset,
+    tensors: &'a BlockTensors<'m>,
+    calibration: &'a Calibration<'a>,
+    block_input: &'a [f32],
+    /// The subset input `X: [tokens, in]` at the subset's tap.
+    input: OnceCell<Vec<f32>>,
+    weights: OnceCell<BlockWeights<'static>>,
+}
+
+impl InspectedModule<'_, '_> {
+    fn tokens(&self) -> usize {
+        self.calibration.windows.n() * self.calibration.windows.seqlen()
+    }
+
+    fn input(&self) -> Result<&[f32], String> {
+        if let Some(x) = self.input.get() {
+            return Ok(x);
+        }
+        let mut captured = None;
+        let mut h = self.block_input.to_vec();
+        let tap = self.subset.tap;
+        forward_block(
+            self.model,
+            self.family,
+            self.block,
+            self.tensors,
+            self.calibration,
+            &mut h,
+            &mut |t, x| {
+                if t == tap {
+                    captured = Some(x.to_vec());
+                }
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let x = captured.ok_or("the block forward did not reach the subset's tap")?;
+        Ok(self.input.get_or_init(|| x))
+    }
+
+    fn weights(&self) -> Result<&BlockWeights<'static>, String> {
+        if let Some(w) = self.weights.get() {
+            return Ok(w);
+        }
+        let w = BlockWeights::load_from(&self.model.config, self.family, self.block, self.tensors)
+            .map_err(|e| e.to_string())?;
+        Ok(self.weights.get_or_init(|| w))
+    }
+
+    fn role_of(&self, layer: &str) -> Option<LinearRole> {
+        let prefix = format!("{}.", self.family.block_prefix(self.block));
+        let module = layer.strip_prefix(&prefix)?;
+        LinearRole::ALL
+            .into_iter()
+            .find(|r| self.family.modules.linear(*r) == module)
+    }
+}
+
+impl ModuleForward for InspectedModule<'_, '_> {
+    fn output_len(&self) -> usize {
+        self.tokens() * self.model.config.hidden_size
+    }
+
+    fn forward(
+        &self,
+        layers: &[LayerState],
+        overrides: &[(usize, &[f32])],
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        let x = self.input()?;
+        let mut w = self.weights()?.borrowed();
+        // The subset's layers as the plugin currently has them, then the candidates.
+        for (i, l) in layers.iter().enumerate() {
+            let role = self
+                .role_of(&l.name)
+                .ok_or_else(|| format!("{} has no role in the family file", l.name))?;
+            let weight = overrides
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map_or(l.weight.as_slice(), |(_, c)| c);
+            w.linear_mut(role).weight = Cow::Borrowed(weight);
+        }
+        let dev = self.calibration.device;
+        let (n, seqlen) = (
+            self.calibration.windows.n(),
+            self.calibration.windows.seqlen(),
+        );
+        let y = match self.subset.tap {
+            Tap::AttnInput => attention_forward(dev, &self.model.config, &w, x, n, seqlen),
+            Tap::AttnContext => w.o.forward(dev, x),
+            Tap::MlpInput => mlp_forward(dev, &w, x),
+            Tap::MlpHidden => w.down.forward(dev, x),
+        }
+        .map_err(|e| e.to_string())?;
+        if y.len() != out.len() {
+            return Err(format!(
+                "inspected module {} produced {} values, expected {}",
+                self.subset.inspect,
+                y.len(),
+                out.len()
+            ));
+        }
+        out.copy_from_slice(&y);
+        Ok(())
+    }
 }
 
 /// The first tap whose input a change to `tensor` makes stale, or `None` when no subset
@@ -470,14 +606,15 @@ fn subset_run<'a>(
 fn write_back(
     tensors: &mut BlockTensors<'_>,
     reports: &mut BTreeMap<String, LayerReport>,
-    run: SubsetRun<'_>,
+    layers: Vec<LayerState>,
+    prev_op: Option<PrevOpState>,
 ) -> Vec<String> {
     let mut changed = Vec::new();
     let mut put = |tensors: &mut BlockTensors<'_>, name: String, v: Vec<f32>| {
         tensors.put(&name, v);
         changed.push(name);
     };
-    for l in run.layers {
+    for l in layers {
         let r = reports
             .entry(l.name.clone())
             .or_insert_with(|| LayerReport {
@@ -497,7 +634,7 @@ fn write_back(
             put(tensors, format!("{}.bias", l.name), b);
         }
     }
-    if let Some(p) = run.prev_op.filter(|p| p.changed) {
+    if let Some(p) = prev_op.filter(|p| p.changed) {
         put(tensors, format!("{}.weight", p.name), p.weight);
     }
     changed

@@ -3,8 +3,8 @@
 //! Plugins declare what they need ([`gs_plugin_api::StatsRequest`]); the host computes it in
 //! one pass over the block's calibration inputs ([`Accumulator`]), keeps it in a per-block
 //! [`StatsCache`] shared by every algorithm of the pipeline, and drops exactly the statistics a
-//! transform made stale. The scheduler does not run calibrated passes yet, so a stage that
-//! requests statistics is still refused before any work.
+//! transform made stale (`scheduler` runs the passes). Without `[calibration]` a stage that
+//! requests statistics is refused before any work.
 
 mod accumulate;
 mod cache;

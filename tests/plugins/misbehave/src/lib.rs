@@ -121,8 +121,42 @@ impl Algorithm for DoubleNorm {
     }
 }
 
+/// Calls the module-forward service and reports `Σ y²` of the inspected module's output: as
+/// is (`out_sq`, and again as `out_sq_again`), and with the subset's first layer zeroed
+/// (`out_sq_zero_first`).
+pub struct ModuleProbe;
+impl Algorithm for ModuleProbe {
+    const NAME: &'static str = "test_module_probe";
+    const SUMMARY: &'static str = "reports what the module-forward service computes";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(ModuleProbe)
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        let sq = |y: Vec<f32>| y.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>();
+        let out = sq(subset.module_forward(&[])?);
+        let again = sq(subset.module_forward(&[])?);
+        let zeros = vec![0.0f32; subset.weight(0)?.len()];
+        let zero_first = sq(subset.module_forward(&[(0, &zeros)])?);
+        for i in 0..subset.len() {
+            subset.report_metric(i, "out_sq", out);
+            subset.report_metric(i, "out_sq_again", again);
+            subset.report_metric(i, "out_sq_zero_first", zero_first);
+        }
+        Ok(())
+    }
+}
+
 export_plugin! {
     name: "gs-test-misbehave",
     vendor: "gs-host tests",
-    algorithms: [Panics, PanicsOnCreate, WritesNan, WrongShape, NeedsStats, StatsProbe, DoubleNorm],
+    algorithms: [
+        Panics,
+        PanicsOnCreate,
+        WritesNan,
+        WrongShape,
+        NeedsStats,
+        StatsProbe,
+        DoubleNorm,
+        ModuleProbe,
+    ],
 }
