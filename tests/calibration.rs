@@ -28,6 +28,10 @@ fn windows(model: &Path) -> Windows {
 
 /// Runs `algorithms` (test plugins) with calibration on the bundled model; returns the summary.
 fn run(algorithms: &[&str]) -> RunSummary {
+    run_chunked(algorithms, scheduler::CHUNK_TOKENS)
+}
+
+fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
     let model = Model::open(&stories260k()).unwrap();
     let family = family_for(&model.config.architectures, "config.json").unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -59,6 +63,7 @@ fn run(algorithms: &[&str]) -> RunSummary {
         windows: &w,
         sequential: true,
         device: &device,
+        chunk_tokens,
     };
     scheduler::run(
         &model,
@@ -160,5 +165,36 @@ fn the_module_forward_runs_the_inspected_module_with_candidate_weights() {
         let name = format!("model.layers.0.{layer}");
         assert_eq!(metric(&s, &name, "out_sq_zero_first"), [0.0], "{name}");
         assert!(metric(&s, &name, "out_sq")[0] > 0.0, "{name}");
+    }
+}
+
+#[test]
+fn chunking_the_calibration_tokens_does_not_change_the_statistics() {
+    // One sequence (64 tokens) per forward call against all 16 at once.
+    let (one, all) = (
+        run_chunked(&["test_stats_probe"], 64),
+        run(&["test_stats_probe"]),
+    );
+    for layer in [
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ] {
+        for block in [0, 4] {
+            let name = format!("model.layers.{block}.{layer}");
+            assert_eq!(metric(&one, &name, "tokens"), [1024.0]);
+            // GEMM kernels may block rows differently: equal up to rounding.
+            let (a, b) = (
+                metric(&one, &name, "absmax_max")[0],
+                metric(&all, &name, "absmax_max")[0],
+            );
+            assert!((a - b).abs() <= 1e-6 * b, "{name}: {a} vs {b}");
+            let (a, b) = (
+                metric(&one, &name, "hessian_trace")[0],
+                metric(&all, &name, "hessian_trace")[0],
+            );
+            assert!((a - b).abs() <= 1e-5 * b, "{name}: {a} vs {b}");
+        }
     }
 }

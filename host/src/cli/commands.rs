@@ -208,6 +208,7 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
         windows: w,
         sequential: manifest.run.sequential,
         device: &device,
+        chunk_tokens: scheduler::CHUNK_TOKENS,
     });
     let summary = scheduler::run(
         &model,

@@ -192,29 +192,29 @@ pub struct BlockWeights<'a> {
 
 /// A tensor converted to f32.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TensorF32 {
+pub struct TensorF32<'a> {
     pub shape: Vec<usize>,
-    /// Row-major.
-    pub values: Vec<f32>,
+    /// Row-major; borrowed when the source already holds f32 (no copy per forward).
+    pub values: Cow<'a, [f32]>,
 }
 
 /// Where weights come from: the memory-mapped checkpoint, or (later) a scheduler's working
 /// copy holding already-quantized tensors.
 pub trait TensorSource {
     /// Tensor `name` in f32, `None` if there is no such tensor.
-    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError>;
+    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError>;
     /// The directory named in errors.
     fn dir(&self) -> PathBuf;
 }
 
 impl TensorSource for Weights {
-    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
+    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError> {
         if !self.contains(name) {
             return Ok(None);
         }
         Ok(Some(TensorF32 {
             shape: self.info(name)?.shape().to_vec(),
-            values: self.to_f32(name)?,
+            values: Cow::Owned(self.to_f32(name)?),
         }))
     }
 
@@ -223,14 +223,15 @@ impl TensorSource for Weights {
     }
 }
 
-impl BlockWeights<'static> {
+impl<'s> BlockWeights<'s> {
     /// Block `block` of `model` in f32: reads only that block's tensors from the memory map.
     pub fn load(
         model: &Model,
         family: &Family,
         block: usize,
     ) -> Result<BlockWeights<'static>, ForwardError> {
-        BlockWeights::load_from(&model.config, family, block, &model.weights)
+        let w = BlockWeights::load_from(&model.config, family, block, &model.weights)?;
+        Ok(w.into_owned())
     }
 
     /// Block `block` from any [`TensorSource`], shapes checked against `cfg`. Biases are
@@ -240,8 +241,8 @@ impl BlockWeights<'static> {
         cfg: &ModelConfig,
         family: &Family,
         block: usize,
-        src: &dyn TensorSource,
-    ) -> Result<BlockWeights<'static>, ForwardError> {
+        src: &'s dyn TensorSource,
+    ) -> Result<BlockWeights<'s>, ForwardError> {
         if block >= cfg.num_hidden_layers {
             return Err(ForwardError::NoSuchBlock {
                 block,
@@ -256,7 +257,7 @@ impl BlockWeights<'static> {
             let name = family.block_tensor(block, module, param);
             read(cfg, src, &name, &what, shape)
         };
-        let linear = |role: LinearRole, out: usize, inp: usize| -> Result<Linear<'static>, _> {
+        let linear = |role: LinearRole, out: usize, inp: usize| -> Result<Linear<'s>, _> {
             let (module, r) = (m.linear(role), role.name());
             let weight = get(
                 module,
@@ -272,7 +273,7 @@ impl BlockWeights<'static> {
                     format!("{r} bias of block {block}; {why}"),
                     &[out],
                 )?;
-                Some(Cow::Owned(b))
+                Some(b)
             } else {
                 None
             };
@@ -286,22 +287,18 @@ impl BlockWeights<'static> {
                 &[width],
             )
         };
-        let qk_norm = |module: &Option<String>| {
-            module
-                .as_deref()
-                .map(|m| norm(m, d.head_dim).map(Cow::Owned))
-                .transpose()
-        };
+        let qk_norm =
+            |module: &Option<String>| module.as_deref().map(|m| norm(m, d.head_dim)).transpose();
         Ok(BlockWeights {
             block,
-            input_norm: Cow::Owned(norm(&m.input_norm, d.hidden)?),
+            input_norm: norm(&m.input_norm, d.hidden)?,
             q: linear(LinearRole::Q, d.q_width(), d.hidden)?,
             k: linear(LinearRole::K, d.kv_width(), d.hidden)?,
             v: linear(LinearRole::V, d.kv_width(), d.hidden)?,
             o: linear(LinearRole::O, d.hidden, d.q_width())?,
             q_norm: qk_norm(&m.q_norm)?,
             k_norm: qk_norm(&m.k_norm)?,
-            post_attention_norm: Cow::Owned(norm(&m.post_attention_norm, d.hidden)?),
+            post_attention_norm: norm(&m.post_attention_norm, d.hidden)?,
             gate: linear(LinearRole::Gate, d.ffn, d.hidden)?,
             up: linear(LinearRole::Up, d.ffn, d.hidden)?,
             down: linear(LinearRole::Down, d.hidden, d.ffn)?,
@@ -310,6 +307,31 @@ impl BlockWeights<'static> {
 }
 
 impl<'a> BlockWeights<'a> {
+    /// The same weights, owning every value (copies what was borrowed).
+    pub fn into_owned(self) -> BlockWeights<'static> {
+        let own = |c: Cow<'a, [f32]>| Cow::Owned(c.into_owned());
+        let lin = |l: Linear<'a>| Linear {
+            weight: own(l.weight),
+            bias: l.bias.map(own),
+            out_features: l.out_features,
+            in_features: l.in_features,
+        };
+        BlockWeights {
+            block: self.block,
+            input_norm: own(self.input_norm),
+            q: lin(self.q),
+            k: lin(self.k),
+            v: lin(self.v),
+            o: lin(self.o),
+            q_norm: self.q_norm.map(own),
+            k_norm: self.k_norm.map(own),
+            post_attention_norm: own(self.post_attention_norm),
+            gate: lin(self.gate),
+            up: lin(self.up),
+            down: lin(self.down),
+        }
+    }
+
     /// The same weights, borrowed: replace one linear of the result to evaluate a candidate
     /// without copying the others.
     pub fn borrowed(&self) -> BlockWeights<'_> {
@@ -368,13 +390,13 @@ fn bias_reason(family: &Family, role: LinearRole) -> String {
 }
 
 /// Reads `name` from `src` in f32 and checks its shape.
-fn read(
+fn read<'s>(
     cfg: &ModelConfig,
-    src: &dyn TensorSource,
+    src: &'s dyn TensorSource,
     name: &str,
     what: &str,
     expected: &[usize],
-) -> Result<Vec<f32>, ForwardError> {
+) -> Result<Cow<'s, [f32]>, ForwardError> {
     let t = src
         .tensor_f32(name)?
         .ok_or_else(|| ForwardError::MissingTensor {
@@ -1050,7 +1072,7 @@ mod tests {
     }
 
     impl TensorSource for Recording<'_> {
-        fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
+        fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError> {
             self.asked.borrow_mut().push(name.to_string());
             self.inner.tensor_f32(name)
         }
@@ -1067,7 +1089,9 @@ mod tests {
             inner: &model.weights,
             asked: RefCell::new(Vec::new()),
         };
-        let w = BlockWeights::load_from(&model.config, &family, 3, &src).unwrap();
+        let w = BlockWeights::load_from(&model.config, &family, 3, &src)
+            .unwrap()
+            .into_owned();
         let asked = src.asked.into_inner();
         assert_eq!(asked.len(), 9, "{asked:?}");
         assert!(

@@ -177,13 +177,13 @@ impl<'m> BlockTensors<'m> {
 
 /// The block's current (possibly transformed) tensors, as the forward reads them.
 impl TensorSource for BlockTensors<'_> {
-    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
+    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError> {
         let Some(values) = self.values.get(name) else {
             return Ok(None);
         };
         Ok(Some(TensorF32 {
             shape: self.model.weights.info(name)?.shape().to_vec(),
-            values: values.clone(),
+            values: Cow::Borrowed(values),
         }))
     }
 
@@ -200,6 +200,10 @@ pub struct Calibration<'a> {
     pub sequential: bool,
     /// Where the forward passes run.
     pub device: &'a dyn Device,
+    /// Tokens per forward call, rounded down to whole sequences (at least one): bounds the
+    /// activations — the MLP intermediate alone is `[tokens, ffn]` — without changing results,
+    /// since attention never crosses sequences and every other op works row by row.
+    pub chunk_tokens: usize,
 }
 
 /// Receives `(tensor name, f32 values)` for every tensor a block changed (the exporter).
@@ -328,7 +332,11 @@ pub fn run(
     Ok(summary)
 }
 
-/// Runs block `block` with its current tensors on `h` (updated in place).
+/// Default calibration tokens per forward call (see [`Calibration::chunk_tokens`]).
+pub const CHUNK_TOKENS: usize = 1024;
+
+/// Runs block `block` with its current tensors on `h` (updated in place), a chunk of
+/// sequences at a time; `tap` sees each subset input chunk by chunk, in token order.
 fn forward_block(
     model: &Model,
     family: &Family,
@@ -338,10 +346,24 @@ fn forward_block(
     h: &mut [f32],
     tap: &mut dyn FnMut(Tap, &[f32]),
 ) -> Result<(), ScheduleError> {
+    // Borrows the block's tensors: no copy of the weights per pass.
     let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
-    let (n, seqlen) = (c.windows.n(), c.windows.seqlen());
-    block_forward(c.device, &model.config, &w, h, n, seqlen, tap)?;
+    let seqlen = c.windows.seqlen();
+    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * model.config.hidden_size;
+    for chunk in h.chunks_mut(per_chunk) {
+        let n = chunk.len() / (seqlen * model.config.hidden_size);
+        block_forward(c.device, &model.config, &w, chunk, n, seqlen, tap)?;
+    }
     Ok(())
+}
+
+/// Width of the subset input observed at `tap`.
+fn tap_width(cfg: &crate::model::ModelConfig, tap: Tap) -> usize {
+    match tap {
+        Tap::AttnInput | Tap::MlpInput => cfg.hidden_size,
+        Tap::AttnContext => cfg.num_attention_heads * cfg.head_dim,
+        Tap::MlpHidden => cfg.intermediate_size,
+    }
 }
 
 /// One forward pass over the block's calibration input that computes `request` for every
@@ -364,14 +386,13 @@ fn collect_stats(
         .filter(|(_, s)| cache.needs(&s.name, request))
         .map(|(i, _)| (i, None))
         .collect();
-    let tokens = c.windows.n() * c.windows.seqlen();
     let mut failure = None;
     let mut tap = |t: Tap, x: &[f32]| {
         for (i, acc) in pending.iter_mut() {
             if subsets[*i].tap != t {
                 continue;
             }
-            let k = x.len() / tokens.max(1);
+            let k = tap_width(&model.config, t);
             let acc = acc.get_or_insert_with(|| Accumulator::new(request, k));
             acc.observe(x, &mut |x, m, k, h| {
                 if let Err(e) = c.device.xtx_accumulate_f64(x, m, k, h) {
@@ -407,10 +428,10 @@ struct InspectedModule<'a, 'm> {
     block_input: &'a [f32],
     /// The subset input `X: [tokens, in]` at the subset's tap.
     input: OnceCell<Vec<f32>>,
-    weights: OnceCell<BlockWeights<'static>>,
+    weights: OnceCell<BlockWeights<'a>>,
 }
 
-impl InspectedModule<'_, '_> {
+impl<'a> InspectedModule<'a, '_> {
     fn tokens(&self) -> usize {
         self.calibration.windows.n() * self.calibration.windows.seqlen()
     }
@@ -419,7 +440,7 @@ impl InspectedModule<'_, '_> {
         if let Some(x) = self.input.get() {
             return Ok(x);
         }
-        let mut captured = None;
+        let mut captured = Vec::new();
         let mut h = self.block_input.to_vec();
         let tap = self.subset.tap;
         forward_block(
@@ -431,16 +452,22 @@ impl InspectedModule<'_, '_> {
             &mut h,
             &mut |t, x| {
                 if t == tap {
-                    captured = Some(x.to_vec());
+                    captured.extend_from_slice(x);
                 }
             },
         )
         .map_err(|e| e.to_string())?;
-        let x = captured.ok_or("the block forward did not reach the subset's tap")?;
-        Ok(self.input.get_or_init(|| x))
+        if captured.len() != self.tokens() * tap_width(&self.model.config, tap) {
+            return Err(format!(
+                "the block forward gave {} input values for subset `{}`",
+                captured.len(),
+                self.subset.name
+            ));
+        }
+        Ok(self.input.get_or_init(|| captured))
     }
 
-    fn weights(&self) -> Result<&BlockWeights<'static>, String> {
+    fn weights(&self) -> Result<&BlockWeights<'a>, String> {
         if let Some(w) = self.weights.get() {
             return Ok(w);
         }
