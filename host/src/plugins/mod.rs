@@ -11,4 +11,4 @@ mod services;
 pub use discover::{discover, PluginSource, SearchPath};
 pub use error::PluginError;
 pub use loader::{sha256_file, AlgorithmInstance, LoadedPlugin, Pin, PluginRegistry};
-pub use services::{LayerState, ModuleForward, PrevOpState, StageOutcome, SubsetRun};
+pub use services::{LayerState, ModuleForward, PrevOpState, SubsetRun};

@@ -71,12 +71,6 @@ pub struct SubsetRun<'a> {
     pub forward: Option<&'a dyn ModuleForward>,
 }
 
-/// What one stage did to one subset, beyond the state changes in the [`SubsetRun`].
-#[derive(Debug, Default)]
-pub struct StageOutcome {
-    pub log_lines: usize,
-}
-
 struct CallCtx<'r, 'a> {
     run: RefCell<&'r mut SubsetRun<'a>>,
     plugin: &'r str,
@@ -84,12 +78,11 @@ struct CallCtx<'r, 'a> {
     info: SubsetInfo,
     /// Calls the host refused: the stage fails even if the plugin ignores the error.
     rejected: RefCell<Vec<String>>,
-    log_lines: RefCell<usize>,
 }
 
 impl AlgorithmInstance {
     /// Runs this algorithm on one subset through the ABI.
-    pub fn transform(&mut self, run: &mut SubsetRun<'_>) -> Result<StageOutcome, PluginError> {
+    pub fn transform(&mut self, run: &mut SubsetRun<'_>) -> Result<(), PluginError> {
         let (block, subset) = (run.block, run.name.clone());
         let info = SubsetInfo {
             block: run.block as u32,
@@ -106,7 +99,6 @@ impl AlgorithmInstance {
             algorithm: &self.name,
             info,
             rejected: RefCell::new(Vec::new()),
-            log_lines: RefCell::new(0),
         };
         let handle = SubsetHandle {
             services: services().0.to_raw_ptr() as *const c_void,
@@ -130,9 +122,7 @@ impl AlgorithmInstance {
                 rejected.len()
             )));
         }
-        Ok(StageOutcome {
-            log_lines: ctx.log_lines.into_inner(),
-        })
+        Ok(())
     }
 }
 
@@ -220,7 +210,6 @@ fn static_slice<T>(v: &[T]) -> RSlice<'static, T> {
 
 extern "C" fn log(ctx: *const c_void, level: LogLevel, message: RStr<'_>) {
     let _ = serve(ctx, |c| {
-        *c.log_lines.borrow_mut() += 1;
         let (p, a, m) = (c.plugin, c.algorithm, message.as_str());
         match level {
             LogLevel::ERROR => {
