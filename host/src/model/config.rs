@@ -383,8 +383,15 @@ fn describe(v: &Value) -> String {
 mod tests {
     use super::*;
 
-    const STORIES: &str = "/work/shared/models/stories260K/config.json";
-    const SMOL: &str = "/work/shared/models/SmolLM2-135M-q41dq/config.json";
+    const STORIES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../assets/models/stories260K/config.json"
+    );
+    // shared/ sits beside the repository (CI and developers alike).
+    const SMOL: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/models/SmolLM2-135M-q41dq/config.json"
+    );
 
     fn parse(text: &str) -> Result<ModelConfig, ModelError> {
         ModelConfig::from_json_str(text, Path::new("/m/config.json"))

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use super::dtype::{f32_to_dtype_bytes, DType};
 
 /// The bundled real model (f32, 5 layers).
-pub(crate) const STORIES: &str = "/work/shared/models/stories260K";
+/// The bundled model (in the repository, so tests never depend on where `shared/` is).
+pub(crate) const STORIES: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/stories260K");
 
 /// One tensor of a generated model.
 #[derive(Debug, Clone)]

@@ -47,6 +47,8 @@ pub enum ScheduleError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    ShapeMismatch(Box<ShapeMismatch>),
     #[error("tensor {name}: expected a 2-D weight, found shape {shape:?}")]
     NotAMatrix { name: String, shape: Vec<usize> },
     #[error("{layer} ([{out}, {inp}]): group size {group} does not divide its {inp} input columns; choose a group size that divides every quantized layer, or override this layer in [[quant.override]]")]
@@ -60,6 +62,18 @@ pub enum ScheduleError {
     Forward(#[from] ForwardError),
     #[error("{0}")]
     Sink(String),
+}
+
+/// A block linear whose shape disagrees with config.json.
+#[derive(Debug, thiserror::Error)]
+#[error("tensor {tensor} has shape {found:?}, but {config} implies {expected:?} for the {role} projection ({why}); the checkpoint and its config.json disagree")]
+pub struct ShapeMismatch {
+    pub tensor: String,
+    pub found: Vec<usize>,
+    pub expected: Vec<usize>,
+    pub role: &'static str,
+    pub why: &'static str,
+    pub config: String,
 }
 
 /// What happened to one linear layer.
@@ -91,9 +105,41 @@ pub fn all_linears(family: &Family, model: &Model) -> Vec<String> {
         .collect()
 }
 
-/// Checks, before any work, that every linear layer exists with a 2-D shape and that its
-/// scheme fits it (a group size must divide the input columns).
+/// Checks, before any work and without reading tensor data, that every linear layer exists
+/// with the shape config.json implies and that its scheme fits it (a group size must divide
+/// the input columns).
 pub fn validate(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), ScheduleError> {
+    let c = &model.config;
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let (h, f) = (c.hidden_size, c.intermediate_size);
+    for block in 0..c.num_hidden_layers {
+        for role in LinearRole::ALL {
+            let (expected, why) = match role {
+                LinearRole::Q => ([q, h], "num_attention_heads·head_dim × hidden_size"),
+                LinearRole::K | LinearRole::V => {
+                    ([kv, h], "num_key_value_heads·head_dim × hidden_size")
+                }
+                LinearRole::O => ([h, q], "hidden_size × num_attention_heads·head_dim"),
+                LinearRole::Gate | LinearRole::Up => ([f, h], "intermediate_size × hidden_size"),
+                LinearRole::Down => ([h, f], "hidden_size × intermediate_size"),
+            };
+            let tensor = family.block_tensor(block, family.modules.linear(role), "weight");
+            let found = model.weights.info(&tensor)?.shape().to_vec();
+            if found != expected {
+                return Err(ScheduleError::ShapeMismatch(Box::new(ShapeMismatch {
+                    tensor,
+                    found,
+                    expected: expected.to_vec(),
+                    role: role.name(),
+                    why,
+                    config: c.path.display().to_string(),
+                })));
+            }
+        }
+    }
     for name in all_linears(family, model) {
         let (out, inp) = matrix_shape(model, &format!("{name}.weight"))?;
         if let Some(w) = plan.scheme_for(&name).weights {
@@ -665,4 +711,49 @@ fn write_back(
         put(tensors, format!("{}.weight", p.name), p.weight);
     }
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Manifest;
+    use crate::model::testutil::{write_model, Spec};
+    use crate::model::DType;
+
+    fn plan() -> QuantPlan {
+        let text = "[model]\npath = \"m\"\n[quant]\nscheme = \"w8a16\"\n[[pipeline]]\nalgorithm = \"rtn\"\n[export]\nformat = \"fake\"\noutput = \"o\"\n";
+        Manifest::parse(text, std::path::Path::new("run.toml"))
+            .unwrap()
+            .plan
+    }
+
+    #[test]
+    fn a_shape_that_disagrees_with_config_json_is_refused_before_any_work() {
+        let mut spec = Spec::llama(DType::F32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &spec);
+        let model = Model::open(dir.path()).unwrap();
+        let family = crate::arch::family_for(&model.config.architectures, "c").unwrap();
+        validate(&family, &model, &plan()).unwrap();
+
+        // Same element count, transposed: only the shape check can tell.
+        let t = spec
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == "model.layers.1.mlp.up_proj.weight")
+            .unwrap();
+        t.shape = vec![8, 16];
+        let dir = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &spec);
+        let model = Model::open(dir.path()).unwrap();
+        let e = validate(&family, &model, &plan()).unwrap_err().to_string();
+        assert!(
+            e.contains("model.layers.1.mlp.up_proj.weight")
+                && e.contains("[8, 16]")
+                && e.contains("implies [16, 8]")
+                && e.contains("intermediate_size × hidden_size")
+                && e.contains("config.json"),
+            "{e}"
+        );
+    }
 }
