@@ -161,6 +161,13 @@ pub struct BlockModules {
 }
 
 impl BlockModules {
+    /// The linear role of a module path (relative to the block), if it is a block linear.
+    pub fn role_of(&self, module: &str) -> Option<LinearRole> {
+        LinearRole::ALL
+            .into_iter()
+            .find(|r| self.linear(*r) == module)
+    }
+
     /// The module of a linear role.
     pub fn linear(&self, role: LinearRole) -> &str {
         match role {

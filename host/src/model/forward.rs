@@ -257,7 +257,8 @@ impl<'s> BlockWeights<'s> {
             let name = family.block_tensor(block, module, param);
             read(cfg, src, &name, &what, shape)
         };
-        let linear = |role: LinearRole, out: usize, inp: usize| -> Result<Linear<'s>, _> {
+        let linear = |role: LinearRole| -> Result<Linear<'s>, _> {
+            let [out, inp] = linear_shape(cfg, role);
             let (module, r) = (m.linear(role), role.name());
             let weight = get(
                 module,
@@ -292,16 +293,16 @@ impl<'s> BlockWeights<'s> {
         Ok(BlockWeights {
             block,
             input_norm: norm(&m.input_norm, d.hidden)?,
-            q: linear(LinearRole::Q, d.q_width(), d.hidden)?,
-            k: linear(LinearRole::K, d.kv_width(), d.hidden)?,
-            v: linear(LinearRole::V, d.kv_width(), d.hidden)?,
-            o: linear(LinearRole::O, d.hidden, d.q_width())?,
+            q: linear(LinearRole::Q)?,
+            k: linear(LinearRole::K)?,
+            v: linear(LinearRole::V)?,
+            o: linear(LinearRole::O)?,
             q_norm: qk_norm(&m.q_norm)?,
             k_norm: qk_norm(&m.k_norm)?,
             post_attention_norm: norm(&m.post_attention_norm, d.hidden)?,
-            gate: linear(LinearRole::Gate, d.ffn, d.hidden)?,
-            up: linear(LinearRole::Up, d.ffn, d.hidden)?,
-            down: linear(LinearRole::Down, d.hidden, d.ffn)?,
+            gate: linear(LinearRole::Gate)?,
+            up: linear(LinearRole::Up)?,
+            down: linear(LinearRole::Down)?,
         })
     }
 }
@@ -424,6 +425,27 @@ fn check_len(
             shape: shape(),
         })
     }
+}
+
+/// `[out, in]` of a block linear as config.json implies it.
+pub fn linear_shape(cfg: &ModelConfig, role: LinearRole) -> [usize; 2] {
+    let d = Dims::new(cfg);
+    match role {
+        LinearRole::Q => [d.q_width(), d.hidden],
+        LinearRole::K | LinearRole::V => [d.kv_width(), d.hidden],
+        LinearRole::O => [d.hidden, d.q_width()],
+        LinearRole::Gate | LinearRole::Up => [d.ffn, d.hidden],
+        LinearRole::Down => [d.hidden, d.ffn],
+    }
+}
+
+/// Width of the subset input observed at `tap`: the input width of the linears it feeds.
+pub fn tap_width(cfg: &ModelConfig, tap: Tap) -> usize {
+    let role = LinearRole::ALL
+        .into_iter()
+        .find(|r| r.input_tap() == tap)
+        .unwrap_or(LinearRole::Q);
+    linear_shape(cfg, role)[1]
 }
 
 /// The sizes of config.json the forward needs.

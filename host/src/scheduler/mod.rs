@@ -31,8 +31,8 @@ use crate::data::Windows;
 use crate::device::Device;
 use crate::manifest::QuantPlan;
 use crate::model::forward::{
-    attention_forward, block_forward, mlp_forward, BlockWeights, Decoder, ForwardError, TensorF32,
-    TensorSource,
+    attention_forward, block_forward, linear_shape, mlp_forward, tap_width, BlockWeights, Decoder,
+    ForwardError, TensorF32, TensorSource,
 };
 use crate::model::{Model, ModelError};
 use crate::plugins::{
@@ -110,21 +110,15 @@ pub fn all_linears(family: &Family, model: &Model) -> Vec<String> {
 /// the input columns).
 pub fn validate(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), ScheduleError> {
     let c = &model.config;
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
-    let (h, f) = (c.hidden_size, c.intermediate_size);
     for block in 0..c.num_hidden_layers {
         for role in LinearRole::ALL {
-            let (expected, why) = match role {
-                LinearRole::Q => ([q, h], "num_attention_heads·head_dim × hidden_size"),
-                LinearRole::K | LinearRole::V => {
-                    ([kv, h], "num_key_value_heads·head_dim × hidden_size")
-                }
-                LinearRole::O => ([h, q], "hidden_size × num_attention_heads·head_dim"),
-                LinearRole::Gate | LinearRole::Up => ([f, h], "intermediate_size × hidden_size"),
-                LinearRole::Down => ([h, f], "hidden_size × intermediate_size"),
+            let expected = linear_shape(c, role);
+            let why = match role {
+                LinearRole::Q => "num_attention_heads·head_dim × hidden_size",
+                LinearRole::K | LinearRole::V => "num_key_value_heads·head_dim × hidden_size",
+                LinearRole::O => "hidden_size × num_attention_heads·head_dim",
+                LinearRole::Gate | LinearRole::Up => "intermediate_size × hidden_size",
+                LinearRole::Down => "hidden_size × intermediate_size",
             };
             let tensor = family.block_tensor(block, family.modules.linear(role), "weight");
             let found = model.weights.info(&tensor)?.shape().to_vec();
@@ -403,15 +397,6 @@ fn forward_block(
     Ok(())
 }
 
-/// Width of the subset input observed at `tap`.
-fn tap_width(cfg: &crate::model::ModelConfig, tap: Tap) -> usize {
-    match tap {
-        Tap::AttnInput | Tap::MlpInput => cfg.hidden_size,
-        Tap::AttnContext => cfg.num_attention_heads * cfg.head_dim,
-        Tap::MlpHidden => cfg.intermediate_size,
-    }
-}
-
 /// One forward pass over the block's calibration input that computes `request` for every
 /// subset whose statistics are missing, and caches them.
 #[allow(clippy::too_many_arguments)]
@@ -524,10 +509,7 @@ impl<'a> InspectedModule<'a, '_> {
 
     fn role_of(&self, layer: &str) -> Option<LinearRole> {
         let prefix = format!("{}.", self.family.block_prefix(self.block));
-        let module = layer.strip_prefix(&prefix)?;
-        LinearRole::ALL
-            .into_iter()
-            .find(|r| self.family.modules.linear(*r) == module)
+        self.family.modules.role_of(layer.strip_prefix(&prefix)?)
     }
 }
 
@@ -601,9 +583,7 @@ fn invalidates_from(family: &Family, block: usize, tensor: &str) -> Option<TapRa
     {
         return Some(Tap::AttnContext.rank());
     }
-    LinearRole::ALL
-        .iter()
-        .find(|r| m.linear(**r) == module)
+    m.role_of(module)
         .map(|r| r.input_tap().rank() + 1)
         .filter(|rank| *rank <= Tap::MlpHidden.rank())
 }
