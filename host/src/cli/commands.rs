@@ -10,7 +10,7 @@ use crate::arch::{self, Family};
 use crate::data::{calibration_windows, CalibrationSpec, Tokenizer, Windows};
 use crate::device::CpuDevice;
 use crate::export::{FakeQuantExport, RUN_RECORD};
-use crate::manifest::{ExportFormat, Manifest};
+use crate::manifest::Manifest;
 use crate::model::Model;
 use crate::plugins::{AlgorithmInstance, Pin, PluginRegistry, SearchPath};
 use crate::scheduler::{self, Calibration, RunSummary};
@@ -200,7 +200,6 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
         windows,
     } = check(path, dirs)?;
     let started = std::time::Instant::now();
-    let ExportFormat::Fake = manifest.export.format;
     let mut export = FakeQuantExport::begin(&model, &manifest.export.output, force)
         .with_context(|| format!("cannot write {}", manifest.export.output.display()))?;
     let device = CpuDevice::new();

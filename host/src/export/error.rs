@@ -128,6 +128,15 @@ pub enum ExportError {
     /// committed).
     #[error("written output failed verification: {0}")]
     Verification(String),
+
+    /// A written checkpoint that does not decode (missing or inconsistent tensors or metadata).
+    #[error("{}: {reason}", file.display())]
+    BadCheckpoint {
+        /// The file (or directory) at fault.
+        file: PathBuf,
+        /// What is wrong and what was expected.
+        reason: String,
+    },
 }
 
 impl ExportError {

@@ -4,17 +4,36 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::path::{Component, Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
 use super::error::ExportError;
+use super::files::{add_extra_file, copy_source_files};
 use super::staging::Staging;
-use crate::model::{encode_header, f32_to_dtype_bytes, HeaderTensor, Model, Weights, INDEX_FILE};
+use super::{
+    DecodedCheckpoint, DecodedLayer, Exporter, NumberRules, QuantLayer, RUN_RECORD,
+};
+use crate::manifest::ExportFormat;
+use crate::model::fakequant::{act_quant_from_json, ActQuant};
+use crate::model::forward::{TensorF32, TensorSource};
+use crate::model::{
+    encode_header, f32_to_dtype_bytes, HeaderTensor, Model, ModelConfig, ModelError, Weights,
+    INDEX_FILE,
+};
 
-/// Entries of the source directory that are never copied: version-control data is not part
-/// of a checkpoint (and for LFS repositories would duplicate the weights).
-const SKIPPED_ENTRIES: &[&str] = &[".git"];
+/// The fake format keeps the plugin's scales (nothing stores them) and stores the weights in
+/// their source dtype, which is what a reader sees.
+pub const RULES: NumberRules = NumberRules {
+    scale_dtype: |_| gs_quant::ScaleDtype::F32,
+    dequant_dtype: |d| match d {
+        crate::model::DType::BF16 => Some(gs_quant::ScaleDtype::BF16),
+        crate::model::DType::F16 => Some(gs_quant::ScaleDtype::F16),
+        _ => None,
+    },
+};
+
 
 /// Result of a finished export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,37 +198,9 @@ impl<'m> FakeQuantExport<'m> {
         self.replaced.contains(name)
     }
 
-    /// Writes an extra file into the output (e.g. a provenance JSON). `name` is a relative
-    /// path (sub-directories allowed, created as needed). It takes precedence over a source
-    /// file of the same path, which is then not copied. Refused: absolute paths, `..`, the
-    /// index and any `*.safetensors` name at the top level, and a name added twice.
+    /// Writes an extra file into the output (see [`add_extra_file`]).
     pub fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
-        let invalid = |reason| ExportError::InvalidExtraFile {
-            name: name.to_string(),
-            reason,
-        };
-        let rel = Path::new(name);
-        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(invalid("it must be a relative path without \"..\""));
-        }
-        let rel = rel.components().collect::<PathBuf>();
-        // Top-level weights files are the export's own (and stray ones would be taken for
-        // shards by loaders).
-        if rel.components().count() == 1 && (name == INDEX_FILE || name.ends_with(".safetensors")) {
-            return Err(invalid(
-                "top-level *.safetensors and index files are written by the export itself",
-            ));
-        }
-        if self.added.contains(&rel) {
-            return Err(invalid("it was already added"));
-        }
-        let path = self.staging.path().join(&rel);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(ExportError::io("create", parent))?;
-        }
-        fs::write(&path, bytes).map_err(ExportError::io("write", &path))?;
-        self.added.insert(rel);
-        Ok(())
+        add_extra_file(self.staging.path(), &mut self.added, name, bytes)
     }
 
     /// Completes the output: copies the tensors that were not replaced, writes the index (if
@@ -225,8 +216,7 @@ impl<'m> FakeQuantExport<'m> {
         if weights.is_sharded() {
             self.write_index(weights)?;
         }
-        let mut copied = Vec::new();
-        self.copy_other_files(&self.model.dir, Path::new(""), 0, &mut copied)?;
+        let copied = copy_source_files(self.model, self.staging.path(), &self.added)?;
         self.verify()?;
 
         let replaced = self.replaced.len();
@@ -299,75 +289,6 @@ impl<'m> FakeQuantExport<'m> {
         fs::write(&path, text).map_err(ExportError::io("write", &path))
     }
 
-    /// Copies `src_dir` (at `rel` below the model directory) into the staging directory.
-    fn copy_other_files(
-        &self,
-        src_dir: &Path,
-        rel: &Path,
-        depth: usize,
-        copied: &mut Vec<PathBuf>,
-    ) -> Result<(), ExportError> {
-        // Guards against symlink cycles; real checkpoints are a level or two deep.
-        const MAX_DEPTH: usize = 32;
-        if depth > MAX_DEPTH {
-            return Err(ExportError::Io {
-                action: "copy",
-                path: src_dir.to_path_buf(),
-                source: std::io::Error::other(format!(
-                    "directories nested more than {MAX_DEPTH} deep (symlink loop?)"
-                )),
-            });
-        }
-        let mut entries: Vec<_> = fs::read_dir(src_dir)
-            .map_err(ExportError::io("list", src_dir))?
-            .collect::<Result<_, _>>()
-            .map_err(ExportError::io("list", src_dir))?;
-        entries.sort_by_key(|e| e.file_name());
-        let shard_names: BTreeSet<&str> = self
-            .model
-            .weights
-            .shards()
-            .iter()
-            .map(|s| s.file_name())
-            .collect();
-        for entry in entries {
-            let file_name = entry.file_name();
-            let name = file_name.to_string_lossy();
-            let src = entry.path();
-            let rel_path = rel.join(&file_name);
-            if depth == 0 {
-                if shard_names.contains(name.as_ref()) || name == INDEX_FILE {
-                    continue;
-                }
-                if name.ends_with(".safetensors") {
-                    tracing::warn!(file = %src.display(), "not copying a safetensors file that is not part of the loaded checkpoint");
-                    continue;
-                }
-                if SKIPPED_ENTRIES.contains(&name.as_ref()) {
-                    tracing::info!(path = %src.display(), "not copying");
-                    continue;
-                }
-            }
-            if self.added.contains(&rel_path) {
-                tracing::info!(file = %rel_path.display(), "source file replaced by an added file");
-                continue;
-            }
-            // Follows symlinks: Hugging Face cache snapshots are symlinks into a blob store.
-            let meta = fs::metadata(&src).map_err(ExportError::io("access", &src))?;
-            let dst = self.staging.path().join(&rel_path);
-            if meta.is_dir() {
-                fs::create_dir_all(&dst).map_err(ExportError::io("create", &dst))?;
-                self.copy_other_files(&src, &rel_path, depth + 1, copied)?;
-            } else if meta.is_file() {
-                copy_contents(&src, &dst)?;
-                copied.push(rel_path);
-            } else {
-                tracing::warn!(path = %src.display(), "not copying a special file");
-            }
-        }
-        Ok(())
-    }
-
     /// Re-opens the staged weights and checks names, dtypes, shapes and shard files match the
     /// source (headers only; cheap).
     fn verify(&self) -> Result<(), ExportError> {
@@ -401,11 +322,102 @@ impl<'m> FakeQuantExport<'m> {
 
 /// Copies file contents only: permissions are not carried over (a read-only source file
 /// should not make the output read-only).
-fn copy_contents(src: &Path, dst: &Path) -> Result<(), ExportError> {
-    let mut input = File::open(src).map_err(ExportError::io("open", src))?;
-    let mut output = File::create(dst).map_err(ExportError::io("create", dst))?;
-    std::io::copy(&mut input, &mut output).map_err(ExportError::io("copy to", dst))?;
-    Ok(())
+impl Exporter for FakeQuantExport<'_> {
+    fn output(&self) -> &Path {
+        FakeQuantExport::output(self)
+    }
+
+    fn tensor(&mut self, name: &str, values: &[f32]) -> Result<(), ExportError> {
+        self.replace(name, values)
+    }
+
+    fn layer(&mut self, layer: &QuantLayer) -> Result<(), ExportError> {
+        self.replace(&format!("{}.weight", layer.name), &layer.dequantized)?;
+        if let Some((bias, _)) = &layer.bias {
+            self.replace(&format!("{}.bias", layer.name), bias)?;
+        }
+        Ok(())
+    }
+
+    fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
+        FakeQuantExport::add_file(self, name, bytes)
+    }
+
+    fn finish(self: Box<Self>) -> Result<ExportSummary, ExportError> {
+        FakeQuantExport::finish(*self)
+    }
+}
+
+/// A float or `fake` checkpoint opened for evaluation: the weights as stored, and the input
+/// quantizers the run record lists (a fake checkpoint stores activation scales nowhere else).
+#[derive(Debug)]
+pub struct FakeCheckpoint {
+    model: Model,
+    inputs: BTreeMap<String, ActQuant>,
+}
+
+impl FakeCheckpoint {
+    /// Opens `dir` as a model; reads `gs-run.json` if present.
+    pub fn open(dir: &Path) -> Result<FakeCheckpoint, ExportError> {
+        let model = Model::open(dir)?;
+        let record = dir.join(RUN_RECORD);
+        let mut inputs = BTreeMap::new();
+        if record.is_file() {
+            let bad = |reason: String| ExportError::BadCheckpoint {
+                file: record.clone(),
+                reason,
+            };
+            let text = fs::read(&record).map_err(ExportError::io("read", &record))?;
+            let doc: Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+            for layer in doc["layers"].as_array().into_iter().flatten() {
+                let (Some(name), Some(input)) = (layer["name"].as_str(), layer.get("input")) else {
+                    continue;
+                };
+                if input.is_null() {
+                    continue;
+                }
+                let a = act_quant_from_json(input)
+                    .map_err(|e| bad(format!("layers[{name}].input: {e}")))?;
+                inputs.insert(name.to_string(), a);
+            }
+        }
+        Ok(FakeCheckpoint { model, inputs })
+    }
+}
+
+impl TensorSource for FakeCheckpoint {
+    fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError> {
+        self.model.weights.tensor_f32(name)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.model.dir.clone()
+    }
+}
+
+impl DecodedCheckpoint for FakeCheckpoint {
+    fn format(&self) -> ExportFormat {
+        ExportFormat::Fake
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn quantized_layers(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn decode_layer(&self, name: &str) -> Result<DecodedLayer, ExportError> {
+        Err(ExportError::BadCheckpoint {
+            file: self.model.dir.clone(),
+            reason: format!("{name}: a fake checkpoint stores dequantized weights, not codes"),
+        })
+    }
+
+    fn input_quant(&self, layer: &str) -> Result<Option<ActQuant>, ExportError> {
+        Ok(self.inputs.get(layer).copied())
+    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub use quant::{
     ArgsSpec, GranularityName, OverrideSpec, Preset, QuantPlan, QuantSection, SchemeSpec,
 };
 
-use error::closest;
+
 use raw::{RawCalibration, RawEval, RawExport, RawManifest, RawPluginPin, RawRun, RawStage};
 use source::{check_no_array_tables, de_error, span_of, syntax_error, Seg, Source};
 
@@ -136,25 +136,57 @@ pub struct PluginPin {
 pub enum ExportFormat {
     /// Quantize-dequantize: float safetensors holding the quantized values, for evaluation.
     Fake,
+    /// compressed-tensors (vLLM, SGLang, transformers).
+    CompressedTensors,
+    /// msModelSlim AscendV1 (vLLM-Ascend, MindIE).
+    Ascend,
 }
 
 impl ExportFormat {
-    pub const ALL: [ExportFormat; 1] = [ExportFormat::Fake];
+    pub const ALL: [ExportFormat; 3] = [
+        ExportFormat::Fake,
+        ExportFormat::CompressedTensors,
+        ExportFormat::Ascend,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ExportFormat::Fake => "fake",
+            ExportFormat::CompressedTensors => "compressed-tensors",
+            ExportFormat::Ascend => "ascend",
         }
     }
 }
 
-/// Formats of later versions, named in the error so users know why theirs is refused.
-const PLANNED_FORMATS: &[&str] = &["compressed-tensors", "ascend"];
+/// Where in a run perplexity is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EvalPoint {
+    /// The source model, before any plugin.
+    Float,
+    /// After the pipeline: quantized weights, activation quantization simulated.
+    FakeQuant,
+    /// The written checkpoint, reloaded and decoded.
+    Exported,
+}
+
+impl EvalPoint {
+    pub const ALL: [EvalPoint; 3] = [EvalPoint::Float, EvalPoint::FakeQuant, EvalPoint::Exported];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalPoint::Float => "float",
+            EvalPoint::FakeQuant => "fake_quant",
+            EvalPoint::Exported => "exported",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSection {
     pub format: ExportFormat,
     pub output: PathBuf,
+    /// Tensor bytes per output shard (quantized formats).
+    pub max_shard_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +195,8 @@ pub struct EvalSection {
     pub seqlen: usize,
     /// Evaluate at most this many windows; all when `None`.
     pub windows: Option<usize>,
+    /// Points of the run to evaluate at, in run order, without repeats.
+    pub points: Vec<EvalPoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,19 +438,7 @@ impl Cx<'_> {
                 .iter()
                 .map(|f| f.name().to_owned())
                 .collect();
-            let mut choices = Choices::new(value, valid);
-            // A known later format, or a typo of one, gets said so rather than a bare "unknown".
-            if choices.suggestion.is_none() {
-                let planned = PLANNED_FORMATS
-                    .iter()
-                    .copied()
-                    .find(|p| p == value)
-                    .or_else(|| closest(value, PLANNED_FORMATS.iter().copied()));
-                if let Some(p) = planned {
-                    choices.suggestion = (p != value).then(|| p.to_owned());
-                    choices.note = Some(format!("`{p}` export is not supported by this version"));
-                }
-            }
+            let choices = Choices::new(value, valid);
             return Err(ManifestError::UnknownValue {
                 at: self.src.at(&e.format),
                 key: "export.format".into(),
@@ -424,9 +446,21 @@ impl Cx<'_> {
                 choices,
             });
         };
+        let max_shard_bytes = match &e.max_shard_size {
+            None => crate::export::DEFAULT_MAX_SHARD_BYTES,
+            Some(v) => parse_size(v.get_ref()).ok_or_else(|| {
+                self.invalid(
+                    v,
+                    "export.max_shard_size",
+                    format!("{:?}", v.get_ref()),
+                    "expected a positive number of bytes, or a string such as \"5GB\" or \"500MiB\"",
+                )
+            })?,
+        };
         Ok(ExportSection {
             format,
             output: self.path(&e.output, "export.output")?,
+            max_shard_bytes,
         })
     }
 
@@ -437,6 +471,35 @@ impl Cx<'_> {
                 .opt_positive(&e.seqlen, "eval.seqlen")?
                 .unwrap_or(DEFAULT_EVAL_SEQLEN),
             windows: self.opt_positive(&e.windows, "eval.windows")?,
+            points: match &e.points {
+                None => EvalPoint::ALL.to_vec(),
+                Some(list) => {
+                    let mut points = Vec::new();
+                    for (i, p) in list.get_ref().iter().enumerate() {
+                        let key = format!("eval.points[{i}]");
+                        let Some(point) = EvalPoint::ALL.into_iter().find(|k| k.name() == p.get_ref()) else {
+                            return Err(ManifestError::UnknownValue {
+                                at: self.src.at(p),
+                                key,
+                                value: p.get_ref().clone(),
+                                choices: Choices::new(
+                                    p.get_ref(),
+                                    EvalPoint::ALL.iter().map(|k| k.name().to_owned()).collect(),
+                                ),
+                            });
+                        };
+                        if points.contains(&point) {
+                            return Err(self.invalid(p, &key, format!("{:?}", p.get_ref()), "each point may be listed once"));
+                        }
+                        points.push(point);
+                    }
+                    if points.is_empty() {
+                        return Err(self.invalid(list, "eval.points", "[]".into(), "list at least one of \"float\", \"fake_quant\", \"exported\" (or remove the key for all three)"));
+                    }
+                    points.sort();
+                    points
+                }
+            },
         })
     }
 
@@ -445,4 +508,28 @@ impl Cx<'_> {
             sequential: r.sequential.unwrap_or(true),
         })
     }
+}
+
+/// Bytes of `"5GB"`, `"500MiB"`, `"1000"` or an integer; `None` if not a positive size.
+fn parse_size(v: &raw::RawSize) -> Option<usize> {
+    let n = match v {
+        raw::RawSize::Bytes(n) => u64::try_from(*n).ok()?,
+        raw::RawSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (digits, unit) = t.split_at(split);
+            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "kb" => 1_000,
+                "mb" => 1_000_000,
+                "gb" => 1_000_000_000,
+                "kib" => 1 << 10,
+                "mib" => 1 << 20,
+                "gib" => 1 << 30,
+                _ => return None,
+            };
+            digits.parse::<u64>().ok()?.checked_mul(mult)?
+        }
+    };
+    usize::try_from(n).ok().filter(|n| *n > 0)
 }

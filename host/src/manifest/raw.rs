@@ -141,6 +141,15 @@ pub(crate) struct RawExport {
     // A string rather than an enum so that formats of later versions get their own message.
     pub format: Spanned<String>,
     pub output: Spanned<String>,
+    pub max_shard_size: Option<Spanned<RawSize>>,
+}
+
+/// A byte size: an integer, or a string such as `"5GB"` / `"500MiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +158,7 @@ pub(crate) struct RawEval {
     pub dataset: Spanned<String>,
     pub seqlen: Option<Spanned<i64>>,
     pub windows: Option<Spanned<i64>>,
+    pub points: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -185,7 +185,8 @@ fn full_manifest_parses_every_section() {
         m.export,
         ExportSection {
             format: ExportFormat::Fake,
-            output: PathBuf::from("/out/llama-w8a8")
+            output: PathBuf::from("/out/llama-w8a8"),
+            max_shard_bytes: crate::export::DEFAULT_MAX_SHARD_BYTES,
         }
     );
     assert_eq!(
@@ -193,7 +194,8 @@ fn full_manifest_parses_every_section() {
         Some(EvalSection {
             dataset: PathBuf::from("/data/wiki.txt"),
             seqlen: 1024,
-            windows: Some(40)
+            windows: Some(40),
+            points: EvalPoint::ALL.to_vec(),
         })
     );
     assert_eq!(m.run, RunSection { sequential: false });
@@ -649,16 +651,38 @@ fn unknown_export_format_lists_valid_ones() {
     assert_eq!(
         msg(&text),
         "run.toml:11:10: unknown value `ascnd` for `export.format`; did you mean `ascend`? \
-         (`ascend` export is not supported by this version; valid values: fake)"
-    );
-    let text = BASE.replace("format = \"fake\"", "format = \"compressed-tensors\"");
-    assert_eq!(
-        msg(&text),
-        "run.toml:11:10: unknown value `compressed-tensors` for `export.format` \
-         (`compressed-tensors` export is not supported by this version; valid values: fake)"
+         (valid values: fake, compressed-tensors, ascend)"
     );
     let text = BASE.replace("format = \"fake\"", "format = \"fkae\"");
-    assert!(msg(&text).contains("did you mean `fake`? (valid values: fake)"));
+    assert!(msg(&text).contains("did you mean `fake`?"));
+    for f in ["compressed-tensors", "ascend"] {
+        let text = BASE.replace("format = \"fake\"", &format!("format = \"{f}\""));
+        let m = Manifest::parse(&text, Path::new("run.toml")).unwrap();
+        assert_eq!(m.export.format.name(), f);
+    }
+}
+
+#[test]
+fn max_shard_size_takes_bytes_or_units() {
+    for (v, bytes) in [("1000", 1000), ("\"5GB\"", 5_000_000_000), ("\"2MiB\"", 2 << 20)] {
+        let text = BASE.replace("format = \"fake\"", &format!("format = \"fake\"\nmax_shard_size = {v}"));
+        let m = Manifest::parse(&text, Path::new("run.toml")).unwrap();
+        assert_eq!(m.export.max_shard_bytes, bytes, "{v}");
+    }
+    let text = BASE.replace("format = \"fake\"", "format = \"fake\"\nmax_shard_size = \"5 parsecs\"");
+    assert!(msg(&text).contains("export.max_shard_size"), "{}", msg(&text));
+}
+
+#[test]
+fn eval_points_are_checked_and_ordered() {
+    let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = [\"exported\", \"float\"]\n");
+    let m = Manifest::parse(&text, Path::new("run.toml")).unwrap();
+    assert_eq!(m.eval.unwrap().points, vec![EvalPoint::Float, EvalPoint::Exported]);
+    let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = [\"fake\"]\n");
+    let e = msg(&text);
+    assert!(e.contains("eval.points[0]") && e.contains("fake_quant"), "{e}");
+    let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = []\n");
+    assert!(msg(&text).contains("at least one"), "{}", msg(&text));
 }
 
 // ---- types, missing keys, syntax ------------------------------------------------------------

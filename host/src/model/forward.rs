@@ -22,6 +22,7 @@
 use std::borrow::Cow;
 use std::path::PathBuf;
 
+use super::fakequant::ActQuant;
 use super::{dtype_bytes_to_f32, Model, ModelConfig, ModelError, Weights};
 use crate::arch::{family_for, ArchError, Family, LinearRole};
 use crate::device::{AttnShape, CpuDevice, Device, DeviceError};
@@ -85,6 +86,9 @@ pub enum ForwardError {
         window: usize,
         config: PathBuf,
     },
+    /// The input quantizer of a linear refused its input (e.g. NaN activations).
+    #[error("activation quantization failed: {0}")]
+    ActQuant(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -100,6 +104,8 @@ pub struct Linear<'a> {
     pub bias: Option<Cow<'a, [f32]>>,
     pub out_features: usize,
     pub in_features: usize,
+    /// Fake quantization of the input (W8A8 and friends); `None`: float input.
+    pub act: Option<ActQuant>,
 }
 
 impl<'a> Linear<'a> {
@@ -126,6 +132,7 @@ impl<'a> Linear<'a> {
             bias,
             out_features,
             in_features,
+            act: None,
         })
     }
 
@@ -136,15 +143,26 @@ impl<'a> Linear<'a> {
             bias: self.bias.as_deref().map(Cow::Borrowed),
             out_features: self.out_features,
             in_features: self.in_features,
+            act: self.act,
         }
     }
 
-    /// `y[T, out] = x[T, in]·Wᵀ (+ b)`.
+    /// `y[T, out] = Q(x)[T, in]·Wᵀ (+ b)`, `Q` the input quantizer if any.
     pub fn forward(&self, dev: &dyn Device, x: &[f32]) -> Result<Vec<f32>, ForwardError> {
         let rows = x.len() / self.in_features.max(1);
         check_len("linear input", x.len(), rows * self.in_features, || {
             format!("[T, in={}]", self.in_features)
         })?;
+        let quantized;
+        let x = match &self.act {
+            None => x,
+            Some(a) => {
+                quantized = a
+                    .apply(x, self.in_features)
+                    .map_err(|e| ForwardError::ActQuant(e.to_string()))?;
+                &quantized[..]
+            }
+        };
         let mut y = vec![0.0; rows * self.out_features];
         dev.matmul_t(
             x,
@@ -316,6 +334,7 @@ impl<'a> BlockWeights<'a> {
             bias: l.bias.map(own),
             out_features: l.out_features,
             in_features: l.in_features,
+            act: l.act,
         };
         BlockWeights {
             block: self.block,

@@ -7,6 +7,7 @@
 mod config;
 mod dtype;
 mod error;
+pub mod fakequant;
 pub mod forward;
 mod header;
 mod inspect;
