@@ -192,6 +192,20 @@ impl Weights {
         })
     }
 
+    /// Opens the shards listed by the index file `index_name` inside `dir` (formats whose index
+    /// is not `model.safetensors.index.json`, e.g. Ascend's `quant_model_weights.safetensors.index.json`).
+    pub fn open_with_index(dir: &Path, index_name: &str) -> Result<Weights, ModelError> {
+        check_dir(dir)?;
+        let index = dir.join(index_name);
+        if !index.is_file() {
+            return Err(ModelError::NoWeights {
+                dir: dir.to_path_buf(),
+                found: list_safetensors(dir)?,
+            });
+        }
+        Weights::open_sharded(dir, index)
+    }
+
     fn open_sharded(dir: &Path, index_path: PathBuf) -> Result<Weights, ModelError> {
         let (metadata, weight_map) = read_index(&index_path)?;
         // shard file name -> tensors the index assigns to it
