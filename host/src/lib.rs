@@ -7,6 +7,7 @@ pub mod arch;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod export;
 pub mod manifest;
 pub mod model;

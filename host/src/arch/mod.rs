@@ -369,6 +369,11 @@ impl Family {
         Ok(())
     }
 
+    /// Module name of the linear of `role` in block `i`, e.g. `model.layers.3.mlp.down_proj`.
+    pub fn block_linear(&self, i: usize, role: LinearRole) -> String {
+        format!("{}.{}", self.block_prefix(i), self.modules.linear(role))
+    }
+
     /// Every quantizable linear module of block `i`.
     pub fn block_linears(&self, i: usize) -> Vec<String> {
         self.block_subsets(i)

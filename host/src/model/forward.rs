@@ -273,7 +273,7 @@ impl<'s> BlockWeights<'s> {
         let biased = family.bias_roles(cfg.attention_bias, cfg.mlp_bias);
         let get = |module: &str, param: &str, what: String, shape: &[usize]| {
             let name = family.block_tensor(block, module, param);
-            read(cfg, src, &name, &what, shape)
+            read_tensor(cfg, src, &name, &what, shape)
         };
         let linear = |role: LinearRole| -> Result<Linear<'s>, _> {
             let [out, inp] = linear_shape(cfg, role);
@@ -410,7 +410,8 @@ fn bias_reason(family: &Family, role: LinearRole) -> String {
 }
 
 /// Reads `name` from `src` in f32 and checks its shape.
-fn read<'s>(
+/// Tensor `name` of `src` in f32, required, with shape `expected` (`what` names its role in errors).
+pub fn read_tensor<'s>(
     cfg: &ModelConfig,
     src: &'s dyn TensorSource,
     name: &str,
@@ -596,7 +597,8 @@ impl RopeTables {
 // The block
 
 /// `out[T, width] = RMSNorm(x)` with `weight[width]`.
-fn rms_norm(
+/// RMSNorm of the rows of `x` with `weight`.
+pub fn rms_norm(
     dev: &dyn Device,
     x: &[f32],
     weight: &[f32],
@@ -618,21 +620,41 @@ pub fn block_forward(
     seqlen: usize,
     tap: &mut dyn FnMut(Tap, &[f32]),
 ) -> Result<(), ForwardError> {
+    block_forward_probed(dev, cfg, w, h, n_seq, seqlen, tap, &mut |_, _| {})
+}
+
+/// [`block_forward`] that also shows every linear's output `[T, out]` to `output` (q, k, v
+/// before q_norm/k_norm and RoPE), in execution order.
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_probed(
+    dev: &dyn Device,
+    cfg: &ModelConfig,
+    w: &BlockWeights<'_>,
+    h: &mut [f32],
+    n_seq: usize,
+    seqlen: usize,
+    tap: &mut dyn FnMut(Tap, &[f32]),
+    output: &mut dyn FnMut(LinearRole, &[f32]),
+) -> Result<(), ForwardError> {
     let d = Dims::new(cfg);
     check_len("hidden states", h.len(), n_seq * seqlen * d.hidden, || {
         format!("[n_seq={n_seq} · seqlen={seqlen}, hidden={}]", d.hidden)
     })?;
     let x = rms_norm(dev, h, &w.input_norm, d.eps)?;
     tap(Tap::AttnInput, &x);
-    let ctx = attention_context(dev, cfg, w, &x, n_seq, seqlen)?;
+    let ctx = attention_context_probed(dev, cfg, w, &x, n_seq, seqlen, output)?;
     tap(Tap::AttnContext, &ctx);
-    dev.add(h, &w.o.forward(dev, &ctx)?)?;
+    let o = w.o.forward(dev, &ctx)?;
+    output(LinearRole::O, &o);
+    dev.add(h, &o)?;
 
     let x = rms_norm(dev, h, &w.post_attention_norm, d.eps)?;
     tap(Tap::MlpInput, &x);
-    let hidden = mlp_hidden(dev, w, &x)?;
+    let hidden = mlp_hidden_probed(dev, w, &x, output)?;
     tap(Tap::MlpHidden, &hidden);
-    dev.add(h, &w.down.forward(dev, &hidden)?)?;
+    let down = w.down.forward(dev, &hidden)?;
+    output(LinearRole::Down, &down);
+    dev.add(h, &down)?;
     Ok(())
 }
 
@@ -660,6 +682,18 @@ pub fn attention_context(
     n_seq: usize,
     seqlen: usize,
 ) -> Result<Vec<f32>, ForwardError> {
+    attention_context_probed(dev, cfg, w, x_normed, n_seq, seqlen, &mut |_, _| {})
+}
+
+fn attention_context_probed(
+    dev: &dyn Device,
+    cfg: &ModelConfig,
+    w: &BlockWeights<'_>,
+    x_normed: &[f32],
+    n_seq: usize,
+    seqlen: usize,
+    output: &mut dyn FnMut(LinearRole, &[f32]),
+) -> Result<Vec<f32>, ForwardError> {
     let d = Dims::new(cfg);
     check_len(
         "attention input",
@@ -678,8 +712,11 @@ pub fn attention_context(
         return Ok(Vec::new());
     }
     let mut q = w.q.forward(dev, x_normed)?;
+    output(LinearRole::Q, &q);
     let mut k = w.k.forward(dev, x_normed)?;
+    output(LinearRole::K, &k);
     let v = w.v.forward(dev, x_normed)?;
+    output(LinearRole::V, &v);
     if let Some(qn) = &w.q_norm {
         q = rms_norm(dev, &q, qn, d.eps)?; // per head: rows of head_dim
     }
@@ -726,8 +763,19 @@ pub fn mlp_hidden(
     w: &BlockWeights<'_>,
     x_normed: &[f32],
 ) -> Result<Vec<f32>, ForwardError> {
+    mlp_hidden_probed(dev, w, x_normed, &mut |_, _| {})
+}
+
+fn mlp_hidden_probed(
+    dev: &dyn Device,
+    w: &BlockWeights<'_>,
+    x_normed: &[f32],
+    output: &mut dyn FnMut(LinearRole, &[f32]),
+) -> Result<Vec<f32>, ForwardError> {
     let gate = w.gate.forward(dev, x_normed)?;
+    output(LinearRole::Gate, &gate);
     let up = w.up.forward(dev, x_normed)?;
+    output(LinearRole::Up, &up);
     let mut hidden = vec![0.0; gate.len()];
     dev.silu_mul(&gate, &up, &mut hidden)?;
     Ok(hidden)
@@ -812,7 +860,7 @@ impl<'m> Decoder<'m> {
     pub fn final_norm(&self, dev: &dyn Device, h: &[f32]) -> Result<Vec<f32>, ForwardError> {
         let name = self.family.final_norm_weight();
         let hidden = self.cfg().hidden_size;
-        let w = read(
+        let w = read_tensor(
             self.cfg(),
             &self.model.weights,
             &name,
@@ -833,7 +881,7 @@ impl<'m> Decoder<'m> {
             "output projection"
         };
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let w = read(cfg, &self.model.weights, &name, what, &[vocab, hidden])?;
+        let w = read_tensor(cfg, &self.model.weights, &name, what, &[vocab, hidden])?;
         Linear::new(w, None, vocab, hidden)?.forward(dev, x)
     }
 
