@@ -7,11 +7,12 @@ use std::path::Path;
 use gs_host::arch::family_for;
 use gs_host::data::{calibration_windows, CalibrationSpec, Tokenizer, Windows};
 use gs_host::device::{CpuDevice, Device};
-use gs_host::manifest::Manifest;
+use gs_host::manifest::{ExportFormat, Manifest};
 use gs_host::model::forward::Decoder;
 use gs_host::model::Model;
 use gs_host::plugins::{PluginRegistry, PluginSource, SearchPath};
-use gs_host::scheduler::{self, Calibration, RunSummary};
+use gs_host::export::number_rules;
+use gs_host::scheduler::{self, Calibration, Discard, RunSpec, RunSummary};
 use gs_tests::*;
 
 fn windows(model: &Path) -> Windows {
@@ -65,15 +66,16 @@ fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
         device: &device,
         chunk_tokens,
     };
-    scheduler::run(
-        &model,
-        &family,
-        &plan,
-        &mut stages,
-        Some(&calib),
-        &mut |_, _| Ok(()),
-    )
-    .unwrap()
+    let spec = RunSpec {
+        model: &model,
+        family: &family,
+        plan: &plan,
+        rules: number_rules(ExportFormat::Fake),
+        require_qparams: false,
+        calibration: Some(&calib),
+        eval: None,
+    };
+    scheduler::run(&spec, &mut stages, &mut Discard).unwrap()
 }
 
 /// The `key` metrics a layer received, in pipeline order.

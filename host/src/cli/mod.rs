@@ -1,4 +1,5 @@
-//! The `gs-host` command line: `--manifest run.toml` runs, plus `check`, `plugins`, `inspect`.
+//! The `gs-host` command line: `--manifest run.toml` runs, plus `check`, `plugins`, `inspect`,
+//! `eval`.
 //! Errors get their context here (anyhow); the library modules return typed errors.
 
 mod commands;
@@ -37,6 +38,22 @@ pub enum Command {
     Inspect {
         /// Directory with config.json and safetensors weights.
         model: PathBuf,
+    },
+    /// Perplexity of a model or of a checkpoint gs-host wrote (compressed-tensors, ascend and
+    /// fake checkpoints are decoded, with their activation quantization simulated).
+    Eval {
+        /// Model or checkpoint directory.
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Text file, evaluated as is (tokenized once with the tokenizer's default special tokens).
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        seqlen: usize,
+        /// Evaluate only the first K windows (default: all full windows).
+        #[arg(long, value_name = "K")]
+        windows: Option<usize>,
     },
 }
 

@@ -6,5 +6,6 @@
 //! - [`report`]: the per-layer report (`report.json`, `report.svg`) of a run.
 
 pub mod perplexity;
+pub mod report;
 
 pub use perplexity::{perplexity, window_nll, EvalStream, InputQuant, Nll};

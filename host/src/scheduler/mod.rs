@@ -23,15 +23,19 @@ use std::cell::OnceCell;
 use std::path::PathBuf;
 
 use gs_plugin_api::StatsRequest;
-use gs_quant::{Granularity, QParams, Scheme};
+use gs_quant::{scale_zero, Granularity, QParams, ScaleDtype, Scheme};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::arch::{BlockSubset, Family, LinearRole, PrevOpKind, Tap};
 use crate::data::Windows;
 use crate::device::Device;
+use crate::eval::{EvalStream, Nll};
+use crate::export::{Exporter, FinalizeError, NumberRules, QuantLayer};
+use crate::model::fakequant::ActQuant;
+use crate::model::DType;
 use crate::manifest::QuantPlan;
 use crate::model::forward::{
-    attention_forward, block_forward, linear_shape, mlp_forward, tap_width, BlockWeights, Decoder,
+    attention_forward, block_forward, block_forward_probed, linear_shape, mlp_forward, tap_width, BlockWeights, Decoder,
     ForwardError, TensorF32, TensorSource,
 };
 use crate::model::{Model, ModelError};
@@ -62,6 +66,12 @@ pub enum ScheduleError {
     Forward(#[from] ForwardError),
     #[error("{0}")]
     Sink(String),
+    #[error(transparent)]
+    Finalize(#[from] FinalizeError),
+    #[error("{layer}: its scheme quantizes weights, but no pipeline stage quantized it (set qparams); the output format stores quantized codes, so add a quantizing stage such as `rtn` after the others, or skip the layer in [[quant.override]]")]
+    NotQuantized { layer: String },
+    #[error("{layer}: static activation quantization needs calibration data to measure the input range; add a [calibration] section or use dynamic activations")]
+    StaticNeedsCalibration { layer: String },
 }
 
 /// A block linear whose shape disagrees with config.json.
@@ -84,6 +94,10 @@ pub struct LayerReport {
     pub qparams: Option<QParams>,
     /// `(algorithm, key, value)` as reported by plugins.
     pub metrics: Vec<(String, String, f64)>,
+    /// The layer's input quantizer (static ones with their calibrated scale).
+    pub input: Option<ActQuant>,
+    /// `‖y_q − y‖ / ‖y‖` of the layer's output on the calibration data (see [`run`]).
+    pub rel_output_error: Option<f64>,
 }
 
 /// Summary of a scheduled run.
@@ -96,6 +110,10 @@ pub struct RunSummary {
     /// Forward passes run to compute statistics (one per block unless a transform made
     /// statistics stale and a later stage needed them again).
     pub stats_passes: usize,
+    /// Perplexity of the source model, when the run evaluated the `float` point.
+    pub float_nll: Option<Nll>,
+    /// Perplexity after the pipeline, when the run evaluated the `fake_quant` point.
+    pub fake_quant_nll: Option<Nll>,
 }
 
 /// The linear layers of every block, with full names, in block order.
@@ -145,6 +163,30 @@ pub fn validate(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), 
                         inp,
                         group: g,
                     });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Formats that store quantized codes load fused projections (q/k/v, gate/up) as one matrix
+/// with one scheme: every shard of a fused group must have the same scheme.
+pub fn check_fused_schemes(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), String> {
+    const FUSED: [&[LinearRole]; 2] = [
+        &[LinearRole::Q, LinearRole::K, LinearRole::V],
+        &[LinearRole::Gate, LinearRole::Up],
+    ];
+    for block in 0..model.config.num_hidden_layers {
+        for group in FUSED {
+            let first = family.block_linear(block, group[0]);
+            let scheme = plan.scheme_for(&first);
+            for role in &group[1..] {
+                let other = family.block_linear(block, *role);
+                if plan.scheme_for(&other) != scheme {
+                    return Err(format!(
+                        "{first} and {other} have different schemes, but inference engines fuse them into one matrix with one scheme; make your [[quant.override]] patterns treat the whole group alike"
+                    ));
                 }
             }
         }
@@ -246,19 +288,79 @@ pub struct Calibration<'a> {
     pub chunk_tokens: usize,
 }
 
-/// Receives `(tensor name, f32 values)` for every tensor a block changed (the exporter).
-pub type TensorSink<'a> = dyn FnMut(&str, &[f32]) -> Result<(), String> + 'a;
+/// Receives, block by block, the finished quantized layers and every other tensor the
+/// pipeline changed (the exporter; [`Discard`] for runs that only measure).
+pub trait Sink {
+    fn tensor(&mut self, name: &str, values: &[f32]) -> Result<(), String>;
+    fn layer(&mut self, layer: &QuantLayer) -> Result<(), String>;
+}
 
-/// Runs `stages` over every block of `model`; `sink(tensor name, values)` receives every
-/// tensor that changed, block by block.
+impl Sink for Box<dyn Exporter + '_> {
+    fn tensor(&mut self, name: &str, values: &[f32]) -> Result<(), String> {
+        Exporter::tensor(self.as_mut(), name, values).map_err(|e| e.to_string())
+    }
+    fn layer(&mut self, layer: &QuantLayer) -> Result<(), String> {
+        Exporter::layer(self.as_mut(), layer).map_err(|e| e.to_string())
+    }
+}
+
+/// A [`Sink`] that keeps nothing.
+#[derive(Debug, Default)]
+pub struct Discard;
+
+impl Sink for Discard {
+    fn tensor(&mut self, _: &str, _: &[f32]) -> Result<(), String> {
+        Ok(())
+    }
+    fn layer(&mut self, _: &QuantLayer) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Perplexity measured during the run, in the same pass over the blocks.
+pub struct InRunEval<'a> {
+    pub windows: &'a Windows,
+    /// Evaluate the source model (`float` point).
+    pub float: bool,
+    /// Evaluate the pipeline's result with activation quantization (`fake_quant` point).
+    pub fake_quant: bool,
+    pub device: &'a dyn Device,
+}
+
+/// Everything a run needs besides the stages and the sink.
+pub struct RunSpec<'a> {
+    pub model: &'a Model,
+    pub family: &'a Family,
+    pub plan: &'a QuantPlan,
+    /// How the output format stores quantized numbers (see [`QuantLayer::finalize`]).
+    pub rules: NumberRules,
+    /// `true` when the format stores codes: every layer whose scheme quantizes weights must
+    /// come out of the pipeline with qparams.
+    pub require_qparams: bool,
+    pub calibration: Option<&'a Calibration<'a>>,
+    pub eval: Option<&'a InRunEval<'a>>,
+}
+
+/// Runs `stages` over every block; the sink receives each block's quantized layers and other
+/// changed tensors as soon as the block is done.
+///
+/// Per block: the stages (stage-major), then [`finalize_block`] (codes and stored scales of
+/// every quantized layer, calibrated static input scales), then one pass that measures each
+/// layer's relative output error against the float block and produces the next block's input
+/// (the quantized block's output when sequential, the float block's otherwise), then the
+/// evaluation streams.
 pub fn run(
-    model: &Model,
-    family: &Family,
-    plan: &QuantPlan,
+    spec: &RunSpec<'_>,
     stages: &mut [AlgorithmInstance],
-    calibration: Option<&Calibration<'_>>,
-    sink: &mut TensorSink<'_>,
+    sink: &mut dyn Sink,
 ) -> Result<RunSummary, ScheduleError> {
+    let RunSpec {
+        model,
+        family,
+        plan,
+        calibration,
+        ..
+    } = *spec;
     let n_blocks = model.config.num_hidden_layers;
     let bar = ProgressBar::new(n_blocks as u64);
     bar.set_style(
@@ -281,31 +383,33 @@ pub fn run(
         Some(c) => Some(Decoder::new(model)?.embed(c.windows.ids())?),
         None => None,
     };
+    let chunk = calibration.map_or(CHUNK_TOKENS, |c| c.chunk_tokens);
+    let mut float_eval = match spec.eval {
+        Some(e) if e.float => Some(EvalStream::start(&model.weights, &model.config, family, e.windows, chunk)?),
+        _ => None,
+    };
+    let mut fake_eval = match spec.eval {
+        Some(e) if e.fake_quant => Some(EvalStream::start(&model.weights, &model.config, family, e.windows, chunk)?),
+        _ => None,
+    };
     for block in 0..n_blocks {
         let _span = tracing::info_span!("block", block).entered();
         let subsets = family.block_subsets(block);
         let mut tensors = BlockTensors::new(model);
         let mut reports: BTreeMap<String, LayerReport> = BTreeMap::new();
         let mut cache = StatsCache::default();
+        if calibration.is_some() || fake_eval.is_some() {
+            tensors.load_block(&family.block_prefix(block))?;
+        }
         let mut calib = match (calibration, hidden.as_mut()) {
-            (Some(c), Some(h)) => {
-                tensors.load_block(&family.block_prefix(block))?;
-                let float_out = if c.sequential {
-                    None
-                } else {
-                    let mut out = h.clone();
-                    forward_block(model, family, block, &tensors, c, &mut out, &mut |_, _| {})?;
-                    Some(out)
-                };
-                Some((c, h, float_out))
-            }
+            (Some(c), Some(h)) => Some((c, h)),
             _ => None,
         };
         for stage in stages.iter_mut() {
             for (si, subset) in subsets.iter().enumerate() {
                 let _s = tracing::debug_span!("subset", subset = %subset.name).entered();
                 let needed = stage.required;
-                if let Some((c, h, _)) = calib.as_mut() {
+                if let Some((c, h)) = calib.as_mut() {
                     if cache.needs(&subset.name, needed) {
                         collect_stats(
                             model, family, block, &subsets, &tensors, c, h, request, &mut cache,
@@ -320,7 +424,7 @@ pub fn run(
                 };
                 let mut run = subset_run(model, plan, block, subset, &mut tensors)?;
                 run.stats = stats.map(|s| s as &dyn crate::stats::SubsetStats);
-                let module = calib.as_ref().map(|(c, h, _)| InspectedModule {
+                let module = calib.as_ref().map(|(c, h)| InspectedModule {
                     model,
                     family,
                     block,
@@ -351,16 +455,34 @@ pub fn run(
                 }
             }
         }
-        if let Some((c, h, float_out)) = calib {
-            match float_out {
-                Some(out) => *h = out,
-                None => forward_block(model, family, block, &tensors, c, h, &mut |_, _| {})?,
+        let finished = finalize_block(spec, block, &mut tensors, &mut reports, calib.as_ref().map(|(c, h)| (*c, &h[..])))?;
+        if let Some((c, h)) = calib {
+            let errors = propagate(spec, block, &tensors, &finished, c, h)?;
+            for (name, e) in errors {
+                if let Some(r) = reports.get_mut(&name) {
+                    r.rel_output_error = Some(e);
+                }
             }
         }
+        if let (Some(stream), Some(e)) = (float_eval.as_mut(), spec.eval) {
+            let w = BlockWeights::load_from(&model.config, family, block, &model.weights)?;
+            stream.advance(e.device, &model.config, &w)?;
+        }
+        if let (Some(stream), Some(e)) = (fake_eval.as_mut(), spec.eval) {
+            let w = quantized_block(spec, block, &tensors, &finished)?;
+            stream.advance(e.device, &model.config, &w)?;
+        }
+        let mut consumed = std::collections::BTreeSet::new();
+        for l in &finished {
+            sink.layer(l).map_err(ScheduleError::Sink)?;
+            summary.tensors_written += 1 + usize::from(l.bias.is_some());
+            consumed.insert(format!("{}.weight", l.name));
+            consumed.insert(format!("{}.bias", l.name));
+        }
         for (name, changed) in &tensors.changed {
-            if *changed {
+            if *changed && !consumed.contains(name) {
                 let v = &tensors.values[name];
-                sink(name, v).map_err(ScheduleError::Sink)?;
+                sink.tensor(name, v).map_err(ScheduleError::Sink)?;
                 summary.tensors_written += 1;
             }
         }
@@ -369,7 +491,214 @@ pub fn run(
         tracing::debug!(block, "block done");
     }
     bar.finish_and_clear();
+    if let Some(e) = spec.eval {
+        if let Some(stream) = float_eval {
+            summary.float_nll = Some(stream.finish(e.device, &model.weights, &model.config, family)?);
+        }
+        if let Some(stream) = fake_eval {
+            summary.fake_quant_nll = Some(stream.finish(e.device, &model.weights, &model.config, family)?);
+        }
+    }
     Ok(summary)
+}
+
+/// Turns the pipeline's result for one block into what the format stores and evaluation uses:
+///
+/// 1. every layer the scheme quantizes, with the qparams its last quantizing stage set, becomes
+///    a [`QuantLayer`] (codes recovered, scales rounded to the format's dtype), and its weight
+///    in `tensors` becomes the dequantized value the format's decoder computes;
+/// 2. every other changed tensor, and the biases of quantized layers, are rounded to their
+///    source dtype (what the output stores);
+/// 3. static input scales are calibrated: per-tensor min/max of each quantized layer's input
+///    over the calibration data, in a forward pass with the finished weights, then the
+///    scheme's min/max rule; scales rounded to the format's dtype.
+fn finalize_block(
+    spec: &RunSpec<'_>,
+    block: usize,
+    tensors: &mut BlockTensors<'_>,
+    reports: &mut BTreeMap<String, LayerReport>,
+    calib: Option<(&Calibration<'_>, &[f32])>,
+) -> Result<Vec<QuantLayer>, ScheduleError> {
+    let (model, family) = (spec.model, spec.family);
+    let mut staged = Vec::new();
+    for role in LinearRole::ALL {
+        let name = family.block_linear(block, role);
+        let scheme = spec.plan.scheme_for(&name);
+        if scheme.weights.is_none() {
+            continue;
+        }
+        let qparams = reports.get(&name).and_then(|r| r.qparams.clone());
+        let Some(qparams) = qparams else {
+            if spec.require_qparams {
+                return Err(ScheduleError::NotQuantized { layer: name });
+            }
+            continue;
+        };
+        let wname = format!("{name}.weight");
+        let weight_dtype = model.weights.info(&wname)?.dtype();
+        let bname = format!("{name}.bias");
+        let bias = if model.weights.contains(&bname) {
+            let dtype = model.weights.info(&bname)?.dtype();
+            let mut b = tensors.get(&bname)?;
+            round_to(&mut b, dtype);
+            Some((b, dtype))
+        } else {
+            None
+        };
+        let w = tensors.get(&wname)?;
+        let layer = QuantLayer::finalize(&name, scheme, weight_dtype, &w, &qparams, bias, None, &spec.rules)?;
+        tensors.put(&wname, layer.dequantized.clone());
+        if let Some((b, _)) = &layer.bias {
+            tensors.put(&bname, b.clone());
+        }
+        staged.push((role, layer));
+    }
+    // Other changed tensors hold exactly what the output will store.
+    let changed: Vec<String> = tensors.changed.iter().filter(|(_, c)| **c).map(|(n, _)| n.clone()).collect();
+    for name in changed {
+        let dtype = model.weights.info(&name)?.dtype();
+        if let Some(v) = tensors.values.get_mut(&name) {
+            round_to(v, dtype);
+        }
+    }
+    // Input quantizers: dynamic ones need nothing; static ones are calibrated here.
+    let statics: Vec<usize> = staged
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, l))| l.scheme.activations.is_some_and(|a| !a.dynamic))
+        .map(|(i, _)| i)
+        .collect();
+    let mut ranges: BTreeMap<Tap, (f32, f32)> = BTreeMap::new();
+    if !statics.is_empty() {
+        let Some((c, h)) = calib else {
+            return Err(ScheduleError::StaticNeedsCalibration {
+                layer: staged[statics[0]].1.name.clone(),
+            });
+        };
+        let wanted: Vec<Tap> = statics.iter().map(|&i| staged[i].0.input_tap()).collect();
+        let mut scratch = h.to_vec();
+        forward_block(model, family, block, tensors, c, &mut scratch, &mut |t, x| {
+            if wanted.contains(&t) {
+                let r = ranges.entry(t).or_insert((f32::INFINITY, f32::NEG_INFINITY));
+                for &v in x {
+                    r.0 = r.0.min(v);
+                    r.1 = r.1.max(v);
+                }
+            }
+        })?;
+    }
+    let mut finished = Vec::with_capacity(staged.len());
+    for (role, mut layer) in staged {
+        if let Some(act) = layer.scheme.activations {
+            let calibrated = if act.dynamic {
+                None
+            } else {
+                let (lo, hi) = ranges.get(&role.input_tap()).copied().unwrap_or((0.0, 0.0));
+                let (scale, zero) = scale_zero(lo, hi, &act.args).map_err(|e| {
+                    ScheduleError::Finalize(FinalizeError::Quant {
+                        layer: layer.name.clone(),
+                        message: format!("static input scale from the calibration range [{lo}, {hi}]: {e}"),
+                    })
+                })?;
+                let dt = (spec.rules.scale_dtype)(layer.weight_dtype);
+                let stored = dt.round(scale);
+                Some((if stored > 0.0 { stored } else { dt.epsilon() }, zero))
+            };
+            layer.input = ActQuant::from_scheme(&act, calibrated);
+        }
+        if let Some(r) = reports.get_mut(&layer.name) {
+            r.input = layer.input;
+        }
+        finished.push(layer);
+    }
+    Ok(finished)
+}
+
+/// `v` rounded to what `dtype` stores (BF16/F16; F32 and others unchanged).
+fn round_to(v: &mut [f32], dtype: DType) {
+    let dt = match dtype {
+        DType::BF16 => ScaleDtype::BF16,
+        DType::F16 => ScaleDtype::F16,
+        _ => return,
+    };
+    v.iter_mut().for_each(|x| *x = dt.round(*x));
+}
+
+/// The block's finished weights with the input quantizers of its quantized layers.
+fn quantized_block<'t>(
+    spec: &RunSpec<'_>,
+    block: usize,
+    tensors: &'t BlockTensors<'_>,
+    finished: &[QuantLayer],
+) -> Result<BlockWeights<'t>, ScheduleError> {
+    let mut w = BlockWeights::load_from(&spec.model.config, spec.family, block, tensors)?;
+    for l in finished {
+        if let Some(role) = role_in_block(spec.family, block, &l.name) {
+            w.linear_mut(role).act = l.input;
+        }
+    }
+    Ok(w)
+}
+
+fn role_in_block(family: &Family, block: usize, layer: &str) -> Option<LinearRole> {
+    let prefix = format!("{}.", family.block_prefix(block));
+    family.modules.role_of(layer.strip_prefix(&prefix)?)
+}
+
+/// One pass over the calibration data that (a) measures, for each quantized layer, the
+/// relative error of its output `‖y_q − y‖ / ‖y‖` in the quantized block (finished weights,
+/// input quantizers) against the float block (source weights), both run on the same block
+/// input — so a layer's error includes what the quantized layers before it in the block
+/// changed — and (b) replaces `h` by the next block's input: the quantized block's output
+/// when sequential, the float block's otherwise. Chunked like every calibration forward.
+fn propagate(
+    spec: &RunSpec<'_>,
+    block: usize,
+    tensors: &BlockTensors<'_>,
+    finished: &[QuantLayer],
+    c: &Calibration<'_>,
+    h: &mut [f32],
+) -> Result<BTreeMap<String, f64>, ScheduleError> {
+    let cfg = &spec.model.config;
+    let quant = quantized_block(spec, block, tensors, finished)?;
+    let float = BlockWeights::load_from(cfg, spec.family, block, &spec.model.weights)?;
+    let measured: Vec<(LinearRole, String)> = finished
+        .iter()
+        .filter_map(|l| role_in_block(spec.family, block, &l.name).map(|r| (r, l.name.clone())))
+        .collect();
+    // Σ (y_q − y)², Σ y² per role.
+    let mut sums: BTreeMap<LinearRole, (f64, f64)> = BTreeMap::new();
+    let seqlen = c.windows.seqlen();
+    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * cfg.hidden_size;
+    for chunk in h.chunks_mut(per_chunk) {
+        let n = chunk.len() / (seqlen * cfg.hidden_size);
+        let mut reference: BTreeMap<LinearRole, Vec<f32>> = BTreeMap::new();
+        let mut float_out = chunk.to_vec();
+        block_forward_probed(c.device, cfg, &float, &mut float_out, n, seqlen, &mut |_, _| {}, &mut |r, y| {
+            if measured.iter().any(|(m, _)| *m == r) {
+                reference.insert(r, y.to_vec());
+            }
+        })?;
+        let mut quant_out = chunk.to_vec();
+        block_forward_probed(c.device, cfg, &quant, &mut quant_out, n, seqlen, &mut |_, _| {}, &mut |r, y| {
+            if let Some(y_ref) = reference.get(&r) {
+                let s = sums.entry(r).or_insert((0.0, 0.0));
+                for (a, b) in y.iter().zip(y_ref) {
+                    let d = f64::from(*a) - f64::from(*b);
+                    s.0 += d * d;
+                    s.1 += f64::from(*b) * f64::from(*b);
+                }
+            }
+        })?;
+        chunk.copy_from_slice(if c.sequential { &quant_out } else { &float_out });
+    }
+    Ok(measured
+        .into_iter()
+        .filter_map(|(r, name)| {
+            let (num, den) = sums.get(&r)?;
+            Some((name, if *den > 0.0 { (num / den).sqrt() } else { num.sqrt() }))
+        })
+        .collect())
 }
 
 /// Default calibration tokens per forward call (see [`Calibration::chunk_tokens`]).
@@ -675,6 +1004,8 @@ fn write_back(
                 scheme: l.scheme,
                 qparams: None,
                 metrics: Vec::new(),
+                input: None,
+                rel_output_error: None,
             });
         if l.qparams.is_some() {
             r.qparams = l.qparams;
