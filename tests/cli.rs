@@ -1,6 +1,6 @@
 //! End-to-end runs of the real `gs-host` binary with real plugin `.so` files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use gs_host::manifest::Manifest;
 use gs_tests::*;
@@ -441,4 +441,124 @@ fn rtn_runs_block_by_block_on_calibration_data_with_the_same_result() {
         std::fs::read(a.join("model.safetensors")).unwrap(),
         std::fs::read(b.join("model.safetensors")).unwrap()
     );
+}
+
+#[test]
+fn eval_prints_the_perplexity_of_a_model_under_the_protocol() {
+    let work = tempfile::tempdir().unwrap();
+    let data = root().join("assets/data/tinystories/tinystories-sample.txt");
+    let o = gs_host(
+        work.path(),
+        &[
+            "eval",
+            "--model",
+            stories260k().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seqlen",
+            "256",
+            "--windows",
+            "20",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 20 windows × 255 predicted tokens.
+    assert!(stdout(&o).contains("5100 predicted tokens"), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("perplexity "), "{}", stdout(&o));
+
+    let o = gs_host(
+        work.path(),
+        &["eval", "--model", stories260k().to_str().unwrap(), "--data", "missing.txt"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.txt"), "{}", stderr(&o));
+}
+
+/// A manifest for the bundled model with `quant` and `export` bodies.
+fn format_manifest(work: &Path, quant: &str, format: &str, output: &Path) -> PathBuf {
+    let data = root().join("assets/data/tinystories/tinystories-sample.txt");
+    write_manifest(
+        work,
+        &format!(
+            "[model]\npath = \"{}\"\n[calibration]\ndataset = \"{}\"\nnsamples = 8\nseqlen = 64\n[quant]\n{quant}\n[[pipeline]]\nalgorithm = \"rtn\"\n[export]\nformat = \"{format}\"\noutput = \"{}\"\n[eval]\ndataset = \"{}\"\nseqlen = 128\nwindows = 4\n",
+            stories260k().display(),
+            data.display(),
+            output.display(),
+            data.display()
+        ),
+    )
+}
+
+#[test]
+fn a_scheme_the_format_cannot_store_is_refused_before_any_work() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = format_manifest(
+        work.path(),
+        "[quant.weights]\nbits = 3\ngranularity = \"channel\"",
+        "ascend",
+        &out,
+    );
+    for cmd in ["check", "run"] {
+        let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap(), cmd]);
+        assert!(!o.status.success(), "{cmd}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("ascend") && e.contains("model.layers.0.") && e.contains("3"),
+            "{cmd}: {e}"
+        );
+        assert!(!out.exists(), "{cmd} created the output");
+    }
+}
+
+#[test]
+fn an_output_inside_the_source_model_is_refused_before_any_work() {
+    let work = tempfile::tempdir().unwrap();
+    let model = copy_model(&work.path().join("model"));
+    let before = tree_digest(&model);
+    let out = model.join("quantized");
+    let text = std::fs::read_to_string(format_manifest(work.path(), "scheme = \"w8a16\"", "compressed-tensors", &out))
+        .unwrap()
+        .replace(&stories260k().display().to_string(), &model.display().to_string());
+    let m = write_manifest(work.path(), &text);
+    for cmd in ["check", "run"] {
+        let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap(), cmd]);
+        assert!(!o.status.success(), "{cmd}");
+        assert!(stderr(&o).contains("inside the source model"), "{cmd}: {}", stderr(&o));
+    }
+    assert_eq!(tree_digest(&model), before);
+}
+
+#[test]
+fn a_run_writes_report_json_and_svg_with_all_three_evaluation_points() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = format_manifest(work.path(), "scheme = \"w8a8\"", "fake", &out);
+    let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 35);
+    assert_eq!(layers[0]["name"], "model.layers.0.self_attn.q_proj");
+    for l in layers {
+        let e = l["rel_output_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 1.0, "{l}");
+    }
+    let points: Vec<&str> = report["perplexity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["point"].as_str().unwrap())
+        .collect();
+    assert_eq!(points, ["float", "fake_quant", "exported"]);
+    let nll = |i: usize| report["perplexity"][i]["nll_sum"].as_f64().unwrap();
+    assert_eq!(nll(1).to_bits(), nll(2).to_bits(), "exported ≠ fake_quant");
+    assert_ne!(nll(1), nll(0), "the fake-quant model evaluated as the float one");
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(svg.contains("<svg"), "{svg}");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("gs-run.json")).unwrap()).unwrap();
+    assert_eq!(run["calibration"]["nsamples"], 8);
+    assert!(run["manifest"]["sha256"].as_str().unwrap().len() == 64);
 }

@@ -139,6 +139,7 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
     }
     let model = Model::open(&manifest.model.path)
         .with_context(|| format!("cannot open the model of {mpath}"))?;
+    check_output(&manifest.export.output, &model.dir)?;
     let family = arch::family_for(
         &model.config.architectures,
         &model.config.path.display().to_string(),
@@ -164,7 +165,6 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
         scheduler::check_fused_schemes(&family, &model, &manifest.plan)
             .map_err(|e| anyhow::anyhow!("{mpath}: {e}"))?;
     }
-    check_output(&manifest.export.output, &model.dir)?;
     for (i, pattern) in manifest
         .plan
         .unused_overrides(linears.iter().map(String::as_str))
@@ -430,9 +430,12 @@ fn eval(model: &Path, data: &Path, seqlen: usize, windows: Option<usize>) -> Res
     let started = std::time::Instant::now();
     let nll = checkpoint_perplexity(ckpt.as_ref(), &family, &w)?;
     println!(
-        "perplexity {:.4} ({} format; {} windows × {} tokens of {}; {} predicted tokens, sum NLL {:.3}; {:.1}s)",
+        "perplexity {:.4} ({}; {} windows × {} tokens of {}; {} predicted tokens, sum NLL {:.3}; {:.1}s)",
         nll.perplexity(),
-        ckpt.format().name(),
+        match ckpt.format() {
+            ExportFormat::Fake => "safetensors as stored".to_string(),
+            f => format!("{} checkpoint, decoded", f.name()),
+        },
         w.n(),
         w.seqlen(),
         data.display(),
