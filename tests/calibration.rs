@@ -7,11 +7,11 @@ use std::path::Path;
 use gs_host::arch::family_for;
 use gs_host::data::{calibration_windows, CalibrationSpec, Tokenizer, Windows};
 use gs_host::device::{CpuDevice, Device};
+use gs_host::export::number_rules;
 use gs_host::manifest::{ExportFormat, Manifest};
 use gs_host::model::forward::Decoder;
 use gs_host::model::Model;
 use gs_host::plugins::{PluginRegistry, PluginSource, SearchPath};
-use gs_host::export::number_rules;
 use gs_host::scheduler::{self, Calibration, Discard, RunSpec, RunSummary};
 use gs_tests::*;
 

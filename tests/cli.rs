@@ -463,12 +463,22 @@ fn eval_prints_the_perplexity_of_a_model_under_the_protocol() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     // 20 windows × 255 predicted tokens.
-    assert!(stdout(&o).contains("5100 predicted tokens"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("5100 predicted tokens"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).starts_with("perplexity "), "{}", stdout(&o));
 
     let o = gs_host(
         work.path(),
-        &["eval", "--model", stories260k().to_str().unwrap(), "--data", "missing.txt"],
+        &[
+            "eval",
+            "--model",
+            stories260k().to_str().unwrap(),
+            "--data",
+            "missing.txt",
+        ],
     );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing.txt"), "{}", stderr(&o));
@@ -517,14 +527,26 @@ fn an_output_inside_the_source_model_is_refused_before_any_work() {
     let model = copy_model(&work.path().join("model"));
     let before = tree_digest(&model);
     let out = model.join("quantized");
-    let text = std::fs::read_to_string(format_manifest(work.path(), "scheme = \"w8a16\"", "compressed-tensors", &out))
-        .unwrap()
-        .replace(&stories260k().display().to_string(), &model.display().to_string());
+    let text = std::fs::read_to_string(format_manifest(
+        work.path(),
+        "scheme = \"w8a16\"",
+        "compressed-tensors",
+        &out,
+    ))
+    .unwrap()
+    .replace(
+        &stories260k().display().to_string(),
+        &model.display().to_string(),
+    );
     let m = write_manifest(work.path(), &text);
     for cmd in ["check", "run"] {
         let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap(), cmd]);
         assert!(!o.status.success(), "{cmd}");
-        assert!(stderr(&o).contains("inside the source model"), "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("inside the source model"),
+            "{cmd}: {}",
+            stderr(&o)
+        );
     }
     assert_eq!(tree_digest(&model), before);
 }
@@ -554,7 +576,11 @@ fn a_run_writes_report_json_and_svg_with_all_three_evaluation_points() {
     assert_eq!(points, ["float", "fake_quant", "exported"]);
     let nll = |i: usize| report["perplexity"][i]["nll_sum"].as_f64().unwrap();
     assert_eq!(nll(1).to_bits(), nll(2).to_bits(), "exported ≠ fake_quant");
-    assert_ne!(nll(1), nll(0), "the fake-quant model evaluated as the float one");
+    assert_ne!(
+        nll(1),
+        nll(0),
+        "the fake-quant model evaluated as the float one"
+    );
     let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
     assert!(svg.contains("<svg"), "{svg}");
     let run: serde_json::Value =

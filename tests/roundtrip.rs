@@ -83,7 +83,11 @@ fn model_as(dtype: &str, dir: &Path) -> PathBuf {
     let cfg_path = dst.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["torch_dtype"] = serde_json::json!(if dtype == "BF16" { "bfloat16" } else { "float16" });
+    cfg["torch_dtype"] = serde_json::json!(if dtype == "BF16" {
+        "bfloat16"
+    } else {
+        "float16"
+    });
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     dst
 }
@@ -129,8 +133,12 @@ fn round_trip(format: &str, dtype: &str, quant: &str) {
     let model = Model::open(&model_dir).unwrap();
     let family = family_for(&model.config.architectures, "config.json").unwrap();
     for name in scheduler::all_linears(&family, &model) {
-        export::check_scheme(manifest.export.format, &name, &manifest.plan.scheme_for(&name))
-            .unwrap_or_else(|e| panic!("{format} {quant}: {e}"));
+        export::check_scheme(
+            manifest.export.format,
+            &name,
+            &manifest.plan.scheme_for(&name),
+        )
+        .unwrap_or_else(|e| panic!("{format} {quant}: {e}"));
     }
     let reg = PluginRegistry::load(
         &SearchPath {
@@ -185,7 +193,11 @@ fn round_trip(format: &str, dtype: &str, quant: &str) {
         .add_file(RUN_RECORD, record.to_string().as_bytes())
         .unwrap();
     rec.inner.finish().unwrap();
-    assert_eq!(rec.layers.len(), 35, "{format} {quant}: every layer quantized");
+    assert_eq!(
+        rec.layers.len(),
+        35,
+        "{format} {quant}: every layer quantized"
+    );
     assert_eq!(tree_digest(&model_dir), before, "the source model changed");
 
     let ckpt = export::open_checkpoint(&out).unwrap();
@@ -202,9 +214,17 @@ fn round_trip(format: &str, dtype: &str, quant: &str) {
             .iter()
             .zip(&l.dequantized)
             .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{format} {dtype} {quant}: {} decodes to other weights than were evaluated", l.name);
+        assert!(
+            same,
+            "{format} {dtype} {quant}: {} decodes to other weights than were evaluated",
+            l.name
+        );
         let input = ckpt.input_quant(&l.name).unwrap();
-        assert_eq!(input, l.input, "{format} {quant}: input quantizer of {}", l.name);
+        assert_eq!(
+            input, l.input,
+            "{format} {quant}: input quantizer of {}",
+            l.name
+        );
         if let Some(a) = input {
             inputs.insert(l.name.clone(), a);
         }
@@ -215,7 +235,8 @@ fn round_trip(format: &str, dtype: &str, quant: &str) {
             assert_eq!(d.qparams.zeros, l.qparams.zeros, "{}", l.name);
             assert!(matches!(
                 (&d.codes, l.weight_args.ty),
-                (Codes::Int(_), gs_quant::QuantType::Int) | (Codes::Fp8(_), gs_quant::QuantType::Float)
+                (Codes::Int(_), gs_quant::QuantType::Int)
+                    | (Codes::Fp8(_), gs_quant::QuantType::Float)
             ));
         }
     }
@@ -241,7 +262,8 @@ fn round_trip(format: &str, dtype: &str, quant: &str) {
 }
 
 /// stories260K's down_proj has 172 input columns: groups of 64 do not divide it.
-const DOWN_CHANNEL: &str = "[[quant.override]]\npattern = 'down_proj'\nweights = { granularity = \"channel\" }";
+const DOWN_CHANNEL: &str =
+    "[[quant.override]]\npattern = 'down_proj'\nweights = { granularity = \"channel\" }";
 
 fn w4a16(symmetric: bool) -> String {
     format!("scheme = \"w4a16\"\nweights = {{ group_size = 64, symmetric = {symmetric} }}\n{DOWN_CHANNEL}")
@@ -262,9 +284,17 @@ fn compressed_tensors_round_trips() {
         round_trip("compressed-tensors", dtype, &w4a16(true));
         round_trip("compressed-tensors", dtype, &w4a16(false));
         round_trip("compressed-tensors", dtype, "scheme = \"w8a16\"");
-        round_trip("compressed-tensors", dtype, "scheme = \"w8a16\"\nweights = { symmetric = false }");
+        round_trip(
+            "compressed-tensors",
+            dtype,
+            "scheme = \"w8a16\"\nweights = { symmetric = false }",
+        );
         round_trip("compressed-tensors", dtype, "scheme = \"w8a8\"");
-        round_trip("compressed-tensors", dtype, "scheme = \"w8a8\"\nactivations = { symmetric = true }");
+        round_trip(
+            "compressed-tensors",
+            dtype,
+            "scheme = \"w8a8\"\nactivations = { symmetric = true }",
+        );
         round_trip("compressed-tensors", dtype, "scheme = \"w8a8_dynamic\"");
         round_trip("compressed-tensors", dtype, "scheme = \"fp8\"");
         round_trip("compressed-tensors", dtype, "scheme = \"fp8_dynamic\"");
@@ -275,8 +305,16 @@ fn compressed_tensors_round_trips() {
 fn ascend_round_trips() {
     for dtype in ["BF16", "F16", "F32"] {
         round_trip("ascend", dtype, "scheme = \"w8a8\"");
-        round_trip("ascend", dtype, "scheme = \"w8a8\"\nactivations = { symmetric = true }");
-        round_trip("ascend", dtype, "scheme = \"w8a8_dynamic\"\nactivations = { scale_rule = \"qmax\" }");
+        round_trip(
+            "ascend",
+            dtype,
+            "scheme = \"w8a8\"\nactivations = { symmetric = true }",
+        );
+        round_trip(
+            "ascend",
+            dtype,
+            "scheme = \"w8a8_dynamic\"\nactivations = { scale_rule = \"qmax\" }",
+        );
         round_trip("ascend", dtype, "scheme = \"w8a16\"");
         round_trip(
             "ascend",

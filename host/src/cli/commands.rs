@@ -150,7 +150,10 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
     for name in &linears {
         let scheme = manifest.plan.scheme_for(name);
         export::check_scheme(format, name, &scheme).map_err(|e| {
-            anyhow::anyhow!("{mpath}: [export] format = \"{}\" cannot store {e}", format.name())
+            anyhow::anyhow!(
+                "{mpath}: [export] format = \"{}\" cannot store {e}",
+                format.name()
+            )
         })?;
         if let Some(a) = scheme.activations.filter(|a| !a.dynamic) {
             if manifest.calibration.is_none() {
@@ -250,7 +253,11 @@ fn check_output(output: &Path, model_dir: &Path) -> Result<()> {
     let src = std::fs::canonicalize(model_dir).unwrap_or_else(|_| model_dir.to_path_buf());
     let resolved = out
         .ancestors()
-        .find_map(|a| std::fs::canonicalize(a).ok().map(|c| c.join(out.strip_prefix(a).unwrap_or(Path::new("")))))
+        .find_map(|a| {
+            std::fs::canonicalize(a)
+                .ok()
+                .map(|c| c.join(out.strip_prefix(a).unwrap_or(Path::new(""))))
+        })
         .unwrap_or(out.clone());
     if resolved == src || resolved.starts_with(&src) {
         bail!(
@@ -348,18 +355,30 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
     );
     if let (Some(e), Some(w)) = (&manifest.eval, &eval_windows) {
         if points.contains(&EvalPoint::Exported) {
-            let ckpt = export::open_checkpoint(&output)
-                .with_context(|| format!("cannot reload the written checkpoint {}", output.display()))?;
+            let ckpt = export::open_checkpoint(&output).with_context(|| {
+                format!("cannot reload the written checkpoint {}", output.display())
+            })?;
             let nll = checkpoint_perplexity(ckpt.as_ref(), &family, w)?;
-            report.perplexity.push(ppl_entry(EvalPoint::Exported, nll, e, w));
+            report
+                .perplexity
+                .push(ppl_entry(EvalPoint::Exported, nll, e, w));
             rewrite(&output.join(REPORT_JSON), report.to_json().as_bytes())?;
             rewrite(&output.join(REPORT_SVG), report.render_svg()?.as_bytes())?;
         }
         for p in &report.perplexity {
-            println!("perplexity {:<10} {:.4} ({} tokens)", p.point, p.ppl, p.tokens);
+            println!(
+                "perplexity {:<10} {:.4} ({} tokens)",
+                p.point, p.ppl, p.tokens
+            );
         }
-        let fake = report.perplexity.iter().find(|p| p.point == EvalPoint::FakeQuant.name());
-        let exported = report.perplexity.iter().find(|p| p.point == EvalPoint::Exported.name());
+        let fake = report
+            .perplexity
+            .iter()
+            .find(|p| p.point == EvalPoint::FakeQuant.name());
+        let exported = report
+            .perplexity
+            .iter()
+            .find(|p| p.point == EvalPoint::Exported.name());
         if let (Some(f), Some(x)) = (fake, exported) {
             if f.nll_sum.to_bits() != x.nll_sum.to_bits() {
                 tracing::warn!(
@@ -446,7 +465,12 @@ fn eval(model: &Path, data: &Path, seqlen: usize, windows: Option<usize>) -> Res
     Ok(())
 }
 
-fn ppl_entry(point: EvalPoint, nll: crate::eval::Nll, e: &EvalSection, w: &Windows) -> PerplexityEntry {
+fn ppl_entry(
+    point: EvalPoint,
+    nll: crate::eval::Nll,
+    e: &EvalSection,
+    w: &Windows,
+) -> PerplexityEntry {
     PerplexityEntry {
         point: point.name().to_string(),
         ppl: nll.perplexity(),
@@ -482,7 +506,11 @@ fn build_report(
         })
         .collect();
     // Model order: by block, then as the block computes them.
-    let order = |role: &str| crate::arch::LinearRole::ALL.iter().position(|r| r.name() == role);
+    let order = |role: &str| {
+        crate::arch::LinearRole::ALL
+            .iter()
+            .position(|r| r.name() == role)
+    };
     layers.sort_by_key(|l| (l.block, order(&l.role)));
     let mut perplexity = Vec::new();
     if let (Some(e), Some(w)) = (&manifest.eval, eval_windows) {
@@ -512,7 +540,8 @@ fn build_report(
 
 /// Block index and role name of a block linear.
 fn locate(family: &Family, layer: &str) -> (usize, String) {
-    let Some(rest) = layer.strip_prefix(&family.block_prefix(0).trim_end_matches('0').to_string()) else {
+    let Some(rest) = layer.strip_prefix(&family.block_prefix(0).trim_end_matches('0').to_string())
+    else {
         return (0, String::new());
     };
     let (num, module) = rest.split_once('.').unwrap_or((rest, ""));

@@ -27,7 +27,11 @@ pub struct CompressedTensorsExport<'m> {
 }
 
 impl<'m> CompressedTensorsExport<'m> {
-    pub fn begin(model: &'m Model, _output: &Path, _options: &ExportOptions) -> Result<Self, ExportError> {
+    pub fn begin(
+        model: &'m Model,
+        _output: &Path,
+        _options: &ExportOptions,
+    ) -> Result<Self, ExportError> {
         Ok(Self { _m: model })
     }
 }

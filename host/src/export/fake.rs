@@ -1,10 +1,10 @@
 //! The `fake` export: a checkpoint laid out exactly like the source, with some tensors' values
 //! replaced (e.g. by their quantize-dequantize result), loadable by any safetensors reader.
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -12,9 +12,7 @@ use serde_json::{Map, Value};
 use super::error::ExportError;
 use super::files::{add_extra_file, copy_source_files};
 use super::staging::Staging;
-use super::{
-    DecodedCheckpoint, DecodedLayer, Exporter, NumberRules, QuantLayer, RUN_RECORD,
-};
+use super::{DecodedCheckpoint, DecodedLayer, Exporter, NumberRules, QuantLayer, RUN_RECORD};
 use crate::manifest::ExportFormat;
 use crate::model::fakequant::{act_quant_from_json, ActQuant};
 use crate::model::forward::{TensorF32, TensorSource};
@@ -33,7 +31,6 @@ pub const RULES: NumberRules = NumberRules {
         _ => None,
     },
 };
-
 
 /// Result of a finished export.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -61,7 +61,15 @@ pub(crate) fn copy_source_files(
     added: &BTreeSet<PathBuf>,
 ) -> Result<Vec<PathBuf>, ExportError> {
     let mut copied = Vec::new();
-    copy_dir(model, staging, added, &model.dir, Path::new(""), 0, &mut copied)?;
+    copy_dir(
+        model,
+        staging,
+        added,
+        &model.dir,
+        Path::new(""),
+        0,
+        &mut copied,
+    )?;
     Ok(copied)
 }
 
@@ -135,7 +143,6 @@ fn copy_dir(
     }
     Ok(())
 }
-
 
 fn copy_contents(src: &Path, dst: &Path) -> Result<(), ExportError> {
     let mut input = File::open(src).map_err(ExportError::io("open", src))?;

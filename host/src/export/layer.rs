@@ -112,8 +112,12 @@ impl QuantLayer {
         };
         let (rows, cols) = (plugin_qparams.rows, plugin_qparams.cols);
         let codes = match args.ty {
-            QuantType::Int => Codes::Int(quantize_int(w, rows, cols, plugin_qparams, &args).map_err(quant)?),
-            QuantType::Float => Codes::Fp8(quantize_fp8(w, rows, cols, plugin_qparams).map_err(quant)?),
+            QuantType::Int => {
+                Codes::Int(quantize_int(w, rows, cols, plugin_qparams, &args).map_err(quant)?)
+            }
+            QuantType::Float => {
+                Codes::Fp8(quantize_fp8(w, rows, cols, plugin_qparams).map_err(quant)?)
+            }
         };
         check_on_grid(name, w, &codes, plugin_qparams)?;
         let mut qparams = plugin_qparams.clone();
@@ -200,11 +204,22 @@ mod tests {
 
     #[test]
     fn finalize_recovers_codes_and_rounds_scales_to_the_model_dtype() {
-        let w: Vec<f32> = (0..32).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.0123).collect();
+        let w: Vec<f32> = (0..32)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.0123)
+            .collect();
         let args = w4g(8).weights.unwrap();
         let (fake, qp) = fake_quantize(&w, 2, 16, &args).unwrap();
-        let l = QuantLayer::finalize("m.q", w4g(8), DType::BF16, &fake, &qp, None, None, &BF16_RULES)
-            .unwrap();
+        let l = QuantLayer::finalize(
+            "m.q",
+            w4g(8),
+            DType::BF16,
+            &fake,
+            &qp,
+            None,
+            None,
+            &BF16_RULES,
+        )
+        .unwrap();
         let Codes::Int(q) = &l.codes else { panic!() };
         // Codes are the plugin's: re-dequantizing them with its f32 scales gives its weights.
         assert_eq!(dequantize_int(q, &qp).unwrap(), fake);

@@ -85,9 +85,9 @@ pub fn begin<'m>(
 ) -> Result<Box<dyn Exporter + 'm>, ExportError> {
     Ok(match format {
         ExportFormat::Fake => Box::new(FakeQuantExport::begin(model, output, options.force)?),
-        ExportFormat::CompressedTensors => Box::new(compressed_tensors::CompressedTensorsExport::begin(
-            model, output, options,
-        )?),
+        ExportFormat::CompressedTensors => Box::new(
+            compressed_tensors::CompressedTensorsExport::begin(model, output, options)?,
+        ),
         ExportFormat::Ascend => Box::new(ascend::AscendExport::begin(model, output, options)?),
     })
 }
@@ -152,7 +152,9 @@ pub fn open_checkpoint(dir: &Path) -> Result<Box<dyn DecodedCheckpoint>, ExportE
         return Ok(Box::new(ascend::AscendCheckpoint::open(dir)?));
     }
     if compressed_tensors::detect(dir)? {
-        return Ok(Box::new(compressed_tensors::CompressedTensorsCheckpoint::open(dir)?));
+        return Ok(Box::new(
+            compressed_tensors::CompressedTensorsCheckpoint::open(dir)?,
+        ));
     }
     Ok(Box::new(fake::FakeCheckpoint::open(dir)?))
 }

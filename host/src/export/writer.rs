@@ -196,9 +196,8 @@ impl ShardedWriter {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>()
         });
-        safetensors::serialize_to_file(views, metadata, &out).map_err(|e| {
-            ExportError::io("write", &out)(std::io::Error::other(e.to_string()))
-        })?;
+        safetensors::serialize_to_file(views, metadata, &out)
+            .map_err(|e| ExportError::io("write", &out)(std::io::Error::other(e.to_string())))?;
         drop(data);
         fs::remove_file(&spill_path).map_err(ExportError::io("remove", &spill_path))?;
         self.done
@@ -272,8 +271,10 @@ mod tests {
         // Added in module order; safetensors ≥ 0.6 sorts by dtype (descending enum order
         // I8 < … < F16 < BF16 < I32 < … < F32 < … < I64, safetensors/src/tensor.rs `Dtype`),
         // then by name.
-        w.add("a.weight_packed", DType::I32, &[1], &[1, 0, 0, 0]).unwrap();
-        w.add("a.weight_scale", DType::BF16, &[1], &[0x80, 0x3f]).unwrap();
+        w.add("a.weight_packed", DType::I32, &[1], &[1, 0, 0, 0])
+            .unwrap();
+        w.add("a.weight_scale", DType::BF16, &[1], &[0x80, 0x3f])
+            .unwrap();
         w.add("a.weight_shape", DType::I64, &[2], &[0; 16]).unwrap();
         w.add("b.weight", DType::I8, &[2], &[1, 2]).unwrap();
         w.add("a.input_scale", DType::F32, &[1], &[0; 4]).unwrap();
@@ -293,7 +294,10 @@ mod tests {
         let index: Value =
             serde_json::from_slice(&fs::read(dir.path().join(NAMING.index)).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], 28);
-        assert_eq!(index["weight_map"]["b.weight"], "model-00001-of-00001.safetensors");
+        assert_eq!(
+            index["weight_map"]["b.weight"],
+            "model-00001-of-00001.safetensors"
+        );
         assert!(!dir.path().join(".shard-0.spill").exists());
     }
 

@@ -43,7 +43,6 @@ pub use quant::{
     ArgsSpec, GranularityName, OverrideSpec, Preset, QuantPlan, QuantSection, SchemeSpec,
 };
 
-
 use raw::{RawCalibration, RawEval, RawExport, RawManifest, RawPluginPin, RawRun, RawStage};
 use source::{check_no_array_tables, de_error, span_of, syntax_error, Seg, Source};
 
@@ -477,7 +476,9 @@ impl Cx<'_> {
                     let mut points = Vec::new();
                     for (i, p) in list.get_ref().iter().enumerate() {
                         let key = format!("eval.points[{i}]");
-                        let Some(point) = EvalPoint::ALL.into_iter().find(|k| k.name() == p.get_ref()) else {
+                        let Some(point) =
+                            EvalPoint::ALL.into_iter().find(|k| k.name() == p.get_ref())
+                        else {
                             return Err(ManifestError::UnknownValue {
                                 at: self.src.at(p),
                                 key,
@@ -489,7 +490,12 @@ impl Cx<'_> {
                             });
                         };
                         if points.contains(&point) {
-                            return Err(self.invalid(p, &key, format!("{:?}", p.get_ref()), "each point may be listed once"));
+                            return Err(self.invalid(
+                                p,
+                                &key,
+                                format!("{:?}", p.get_ref()),
+                                "each point may be listed once",
+                            ));
                         }
                         points.push(point);
                     }

@@ -664,23 +664,43 @@ fn unknown_export_format_lists_valid_ones() {
 
 #[test]
 fn max_shard_size_takes_bytes_or_units() {
-    for (v, bytes) in [("1000", 1000), ("\"5GB\"", 5_000_000_000), ("\"2MiB\"", 2 << 20)] {
-        let text = BASE.replace("format = \"fake\"", &format!("format = \"fake\"\nmax_shard_size = {v}"));
+    for (v, bytes) in [
+        ("1000", 1000),
+        ("\"5GB\"", 5_000_000_000),
+        ("\"2MiB\"", 2 << 20),
+    ] {
+        let text = BASE.replace(
+            "format = \"fake\"",
+            &format!("format = \"fake\"\nmax_shard_size = {v}"),
+        );
         let m = Manifest::parse(&text, Path::new("run.toml")).unwrap();
         assert_eq!(m.export.max_shard_bytes, bytes, "{v}");
     }
-    let text = BASE.replace("format = \"fake\"", "format = \"fake\"\nmax_shard_size = \"5 parsecs\"");
-    assert!(msg(&text).contains("export.max_shard_size"), "{}", msg(&text));
+    let text = BASE.replace(
+        "format = \"fake\"",
+        "format = \"fake\"\nmax_shard_size = \"5 parsecs\"",
+    );
+    assert!(
+        msg(&text).contains("export.max_shard_size"),
+        "{}",
+        msg(&text)
+    );
 }
 
 #[test]
 fn eval_points_are_checked_and_ordered() {
     let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = [\"exported\", \"float\"]\n");
     let m = Manifest::parse(&text, Path::new("run.toml")).unwrap();
-    assert_eq!(m.eval.unwrap().points, vec![EvalPoint::Float, EvalPoint::Exported]);
+    assert_eq!(
+        m.eval.unwrap().points,
+        vec![EvalPoint::Float, EvalPoint::Exported]
+    );
     let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = [\"fake\"]\n");
     let e = msg(&text);
-    assert!(e.contains("eval.points[0]") && e.contains("fake_quant"), "{e}");
+    assert!(
+        e.contains("eval.points[0]") && e.contains("fake_quant"),
+        "{e}"
+    );
     let text = format!("{BASE}[eval]\ndataset = \"w.txt\"\npoints = []\n");
     assert!(msg(&text).contains("at least one"), "{}", msg(&text));
 }

@@ -94,8 +94,16 @@ pub fn act_quant_to_json(a: &ActQuant) -> serde_json::Value {
 /// Reads [`act_quant_to_json`]'s form back; the error names the bad field.
 pub fn act_quant_from_json(v: &serde_json::Value) -> Result<ActQuant, String> {
     let field = |k: &str| v.get(k).ok_or_else(|| format!("missing `{k}`"));
-    let bool_of = |k: &str| field(k)?.as_bool().ok_or_else(|| format!("`{k}` must be a boolean"));
-    let str_of = |k: &str| field(k)?.as_str().ok_or_else(|| format!("`{k}` must be a string"));
+    let bool_of = |k: &str| {
+        field(k)?
+            .as_bool()
+            .ok_or_else(|| format!("`{k}` must be a boolean"))
+    };
+    let str_of = |k: &str| {
+        field(k)?
+            .as_str()
+            .ok_or_else(|| format!("`{k}` must be a string"))
+    };
     let bits = field("bits")?
         .as_u64()
         .filter(|b| (1..=8).contains(b))

@@ -31,13 +31,13 @@ use crate::data::Windows;
 use crate::device::Device;
 use crate::eval::{EvalStream, Nll};
 use crate::export::{Exporter, FinalizeError, NumberRules, QuantLayer};
-use crate::model::fakequant::ActQuant;
-use crate::model::DType;
 use crate::manifest::QuantPlan;
+use crate::model::fakequant::ActQuant;
 use crate::model::forward::{
-    attention_forward, block_forward, block_forward_probed, linear_shape, mlp_forward, tap_width, BlockWeights, Decoder,
-    ForwardError, TensorF32, TensorSource,
+    attention_forward, block_forward, block_forward_probed, linear_shape, mlp_forward, tap_width,
+    BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
 };
+use crate::model::DType;
 use crate::model::{Model, ModelError};
 use crate::plugins::{
     AlgorithmInstance, LayerState, ModuleForward, PluginError, PrevOpState, SubsetRun,
@@ -385,11 +385,23 @@ pub fn run(
     };
     let chunk = calibration.map_or(CHUNK_TOKENS, |c| c.chunk_tokens);
     let mut float_eval = match spec.eval {
-        Some(e) if e.float => Some(EvalStream::start(&model.weights, &model.config, family, e.windows, chunk)?),
+        Some(e) if e.float => Some(EvalStream::start(
+            &model.weights,
+            &model.config,
+            family,
+            e.windows,
+            chunk,
+        )?),
         _ => None,
     };
     let mut fake_eval = match spec.eval {
-        Some(e) if e.fake_quant => Some(EvalStream::start(&model.weights, &model.config, family, e.windows, chunk)?),
+        Some(e) if e.fake_quant => Some(EvalStream::start(
+            &model.weights,
+            &model.config,
+            family,
+            e.windows,
+            chunk,
+        )?),
         _ => None,
     };
     for block in 0..n_blocks {
@@ -455,7 +467,13 @@ pub fn run(
                 }
             }
         }
-        let finished = finalize_block(spec, block, &mut tensors, &mut reports, calib.as_ref().map(|(c, h)| (*c, &h[..])))?;
+        let finished = finalize_block(
+            spec,
+            block,
+            &mut tensors,
+            &mut reports,
+            calib.as_ref().map(|(c, h)| (*c, &h[..])),
+        )?;
         if let Some((c, h)) = calib {
             let errors = propagate(spec, block, &tensors, &finished, c, h)?;
             for (name, e) in errors {
@@ -493,10 +511,12 @@ pub fn run(
     bar.finish_and_clear();
     if let Some(e) = spec.eval {
         if let Some(stream) = float_eval {
-            summary.float_nll = Some(stream.finish(e.device, &model.weights, &model.config, family)?);
+            summary.float_nll =
+                Some(stream.finish(e.device, &model.weights, &model.config, family)?);
         }
         if let Some(stream) = fake_eval {
-            summary.fake_quant_nll = Some(stream.finish(e.device, &model.weights, &model.config, family)?);
+            summary.fake_quant_nll =
+                Some(stream.finish(e.device, &model.weights, &model.config, family)?);
         }
     }
     Ok(summary)
@@ -546,7 +566,16 @@ fn finalize_block(
             None
         };
         let w = tensors.get(&wname)?;
-        let layer = QuantLayer::finalize(&name, scheme, weight_dtype, &w, &qparams, bias, None, &spec.rules)?;
+        let layer = QuantLayer::finalize(
+            &name,
+            scheme,
+            weight_dtype,
+            &w,
+            &qparams,
+            bias,
+            None,
+            &spec.rules,
+        )?;
         tensors.put(&wname, layer.dequantized.clone());
         if let Some((b, _)) = &layer.bias {
             tensors.put(&bname, b.clone());
@@ -554,7 +583,12 @@ fn finalize_block(
         staged.push((role, layer));
     }
     // Other changed tensors hold exactly what the output will store.
-    let changed: Vec<String> = tensors.changed.iter().filter(|(_, c)| **c).map(|(n, _)| n.clone()).collect();
+    let changed: Vec<String> = tensors
+        .changed
+        .iter()
+        .filter(|(_, c)| **c)
+        .map(|(n, _)| n.clone())
+        .collect();
     for name in changed {
         let dtype = model.weights.info(&name)?.dtype();
         if let Some(v) = tensors.values.get_mut(&name) {
@@ -577,15 +611,25 @@ fn finalize_block(
         };
         let wanted: Vec<Tap> = statics.iter().map(|&i| staged[i].0.input_tap()).collect();
         let mut scratch = h.to_vec();
-        forward_block(model, family, block, tensors, c, &mut scratch, &mut |t, x| {
-            if wanted.contains(&t) {
-                let r = ranges.entry(t).or_insert((f32::INFINITY, f32::NEG_INFINITY));
-                for &v in x {
-                    r.0 = r.0.min(v);
-                    r.1 = r.1.max(v);
+        forward_block(
+            model,
+            family,
+            block,
+            tensors,
+            c,
+            &mut scratch,
+            &mut |t, x| {
+                if wanted.contains(&t) {
+                    let r = ranges
+                        .entry(t)
+                        .or_insert((f32::INFINITY, f32::NEG_INFINITY));
+                    for &v in x {
+                        r.0 = r.0.min(v);
+                        r.1 = r.1.max(v);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
     }
     let mut finished = Vec::with_capacity(staged.len());
     for (role, mut layer) in staged {
@@ -597,7 +641,9 @@ fn finalize_block(
                 let (scale, zero) = scale_zero(lo, hi, &act.args).map_err(|e| {
                     ScheduleError::Finalize(FinalizeError::Quant {
                         layer: layer.name.clone(),
-                        message: format!("static input scale from the calibration range [{lo}, {hi}]: {e}"),
+                        message: format!(
+                            "static input scale from the calibration range [{lo}, {hi}]: {e}"
+                        ),
                     })
                 })?;
                 let dt = (spec.rules.scale_dtype)(layer.weight_dtype);
@@ -674,29 +720,54 @@ fn propagate(
         let n = chunk.len() / (seqlen * cfg.hidden_size);
         let mut reference: BTreeMap<LinearRole, Vec<f32>> = BTreeMap::new();
         let mut float_out = chunk.to_vec();
-        block_forward_probed(c.device, cfg, &float, &mut float_out, n, seqlen, &mut |_, _| {}, &mut |r, y| {
-            if measured.iter().any(|(m, _)| *m == r) {
-                reference.insert(r, y.to_vec());
-            }
-        })?;
-        let mut quant_out = chunk.to_vec();
-        block_forward_probed(c.device, cfg, &quant, &mut quant_out, n, seqlen, &mut |_, _| {}, &mut |r, y| {
-            if let Some(y_ref) = reference.get(&r) {
-                let s = sums.entry(r).or_insert((0.0, 0.0));
-                for (a, b) in y.iter().zip(y_ref) {
-                    let d = f64::from(*a) - f64::from(*b);
-                    s.0 += d * d;
-                    s.1 += f64::from(*b) * f64::from(*b);
+        block_forward_probed(
+            c.device,
+            cfg,
+            &float,
+            &mut float_out,
+            n,
+            seqlen,
+            &mut |_, _| {},
+            &mut |r, y| {
+                if measured.iter().any(|(m, _)| *m == r) {
+                    reference.insert(r, y.to_vec());
                 }
-            }
-        })?;
+            },
+        )?;
+        let mut quant_out = chunk.to_vec();
+        block_forward_probed(
+            c.device,
+            cfg,
+            &quant,
+            &mut quant_out,
+            n,
+            seqlen,
+            &mut |_, _| {},
+            &mut |r, y| {
+                if let Some(y_ref) = reference.get(&r) {
+                    let s = sums.entry(r).or_insert((0.0, 0.0));
+                    for (a, b) in y.iter().zip(y_ref) {
+                        let d = f64::from(*a) - f64::from(*b);
+                        s.0 += d * d;
+                        s.1 += f64::from(*b) * f64::from(*b);
+                    }
+                }
+            },
+        )?;
         chunk.copy_from_slice(if c.sequential { &quant_out } else { &float_out });
     }
     Ok(measured
         .into_iter()
         .filter_map(|(r, name)| {
             let (num, den) = sums.get(&r)?;
-            Some((name, if *den > 0.0 { (num / den).sqrt() } else { num.sqrt() }))
+            Some((
+                name,
+                if *den > 0.0 {
+                    (num / den).sqrt()
+                } else {
+                    num.sqrt()
+                },
+            ))
         })
         .collect())
 }
