@@ -582,11 +582,17 @@ fn finalize_block(
         }
         staged.push((role, layer));
     }
-    // Other changed tensors hold exactly what the output will store.
+    // Other changed tensors hold exactly what the output will store. (A quantized layer's
+    // weight is already what its format decodes, which need not be the source dtype: Ascend
+    // dequantizes in f32.)
+    let layer_weights: Vec<String> = staged
+        .iter()
+        .map(|(_, l)| format!("{}.weight", l.name))
+        .collect();
     let changed: Vec<String> = tensors
         .changed
         .iter()
-        .filter(|(_, c)| **c)
+        .filter(|(n, c)| **c && !layer_weights.contains(n))
         .map(|(n, _)| n.clone())
         .collect();
     for name in changed {
