@@ -42,7 +42,8 @@ fn quickstart_quantizes_the_bundled_model_through_the_plugin_abi() {
             "../assets/models/stories260K",
             &stories260k().display().to_string(),
         )
-        .replace("../out/quickstart", &out.display().to_string());
+        .replace("../out/quickstart", &out.display().to_string())
+        .replace("../assets/", &format!("{}/assets/", root().display()));
     std::fs::write(&manifest, text).unwrap();
     let before = tree_digest(&stories260k());
 
@@ -55,16 +56,19 @@ fn quickstart_quantizes_the_bundled_model_through_the_plugin_abi() {
         "the source model changed"
     );
 
-    // Every block linear equals the shared primitive applied with the manifest's scheme
-    // (exactly: the model is f32, so no dtype rounding intervenes); everything else is
-    // byte-identical to the source.
+    // The output is compressed-tensors: decoded, every block linear equals the shared
+    // primitive applied with the manifest's scheme (exactly: the model is f32, so scales are
+    // stored in f32 and no dtype rounding intervenes); every other tensor is byte-identical.
     let plan = Manifest::load(&manifest).unwrap().plan;
     let src = read_f32_tensors(&stories260k());
-    let dst = read_f32_tensors(&out);
-    assert_eq!(src.len(), dst.len());
+    let ckpt = gs_host::export::open_checkpoint(&out).unwrap();
     let mut quantized = 0;
-    for ((name, shape, w), (dname, dshape, q)) in src.iter().zip(&dst) {
-        assert_eq!((name, shape), (dname, dshape));
+    for (name, shape, w) in &src {
+        let q = ckpt
+            .tensor_f32(name)
+            .unwrap()
+            .expect("tensor in the output");
+        assert_eq!(&q.shape, shape, "{name}");
         if is_block_linear(name) {
             let layer = name.trim_end_matches(".weight");
             let args = plan.scheme_for(layer).weights.expect("quantized");
@@ -72,14 +76,16 @@ fn quickstart_quantizes_the_bundled_model_through_the_plugin_abi() {
             // Equal as numbers: the output holds `(q − zp)·s` of the integer codes, where
             // fake_quantize keeps the sign of a negative value that rounds to 0 (−0.0).
             assert!(
-                expected.iter().zip(q).all(|(a, b)| a == b),
+                expected.iter().zip(q.values.iter()).all(|(a, b)| a == b),
                 "{name} differs from gs_quant::fake_quantize"
             );
-            assert_ne!(w, q, "{name} was not quantized");
+            assert_ne!(&w[..], &q.values[..], "{name} was not quantized");
             quantized += 1;
         } else {
             assert!(
-                w.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits()),
+                w.iter()
+                    .zip(q.values.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{name} changed"
             );
         }
@@ -87,7 +93,15 @@ fn quickstart_quantizes_the_bundled_model_through_the_plugin_abi() {
     assert_eq!(quantized, 35);
     // The down_proj override (per-channel) took effect: one scale per row → at most 16
     // distinct magnitudes per row of int4 values.
-    for file in ["config.json", "tokenizer.json", "LICENSE", "gs-run.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "LICENSE",
+        "gs-run.json",
+        "report.json",
+        "report.svg",
+        "model.safetensors.index.json",
+    ] {
         assert!(out.join(file).is_file(), "{file} missing from the output");
     }
     let run: serde_json::Value =
