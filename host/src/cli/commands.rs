@@ -150,10 +150,7 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
     for name in &linears {
         let scheme = manifest.plan.scheme_for(name);
         export::check_scheme(format, name, &scheme).map_err(|e| {
-            anyhow::anyhow!(
-                "{mpath}: [export] format = \"{}\" cannot store {e}",
-                format.name()
-            )
+            anyhow::anyhow!("{mpath}: [export] format = \"{}\": {e}", format.name())
         })?;
         if let Some(a) = scheme.activations.filter(|a| !a.dynamic) {
             if manifest.calibration.is_none() {
@@ -164,6 +161,12 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
             }
         }
     }
+    let schemes: Vec<_> = linears
+        .iter()
+        .map(|n| (n.clone(), manifest.plan.scheme_for(n)))
+        .collect();
+    export::check_plan(format, &schemes)
+        .map_err(|e| anyhow::anyhow!("{mpath}: [export] format = \"{}\": {e}", format.name()))?;
     if format != ExportFormat::Fake {
         scheduler::check_fused_schemes(&family, &model, &manifest.plan)
             .map_err(|e| anyhow::anyhow!("{mpath}: {e}"))?;

@@ -137,6 +137,11 @@ pub enum ExportError {
         /// What is wrong and what was expected.
         reason: String,
     },
+
+    /// Something the format cannot store (found while writing; most cases are refused by
+    /// `check_scheme` before any work).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ExportError {

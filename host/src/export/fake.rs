@@ -10,15 +10,14 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ExportError;
-use super::files::{add_extra_file, copy_source_files};
+use super::files::{add_extra_file, copy_source_files, source_dtype_bytes};
 use super::staging::Staging;
 use super::{DecodedCheckpoint, DecodedLayer, Exporter, NumberRules, QuantLayer, RUN_RECORD};
 use crate::manifest::ExportFormat;
 use crate::model::fakequant::{act_quant_from_json, ActQuant};
 use crate::model::forward::{TensorF32, TensorSource};
 use crate::model::{
-    encode_header, f32_to_dtype_bytes, HeaderTensor, Model, ModelConfig, ModelError, Weights,
-    INDEX_FILE,
+    encode_header, HeaderTensor, Model, ModelConfig, ModelError, Weights, INDEX_FILE,
 };
 
 /// The fake format keeps the plugin's scales (nothing stores them) and stores the weights in
@@ -140,42 +139,7 @@ impl<'m> FakeQuantExport<'m> {
                 tensor: name.to_string(),
             });
         }
-        let info = self
-            .model
-            .weights
-            .info(name)
-            .map_err(|_| ExportError::UnknownTensor {
-                tensor: name.to_string(),
-                model_dir: self.model.dir.clone(),
-            })?;
-        if !info.dtype().converts_to_f32() {
-            return Err(ExportError::UnsupportedDType {
-                tensor: name.to_string(),
-                dtype: info.dtype(),
-            });
-        }
-        if values.len() != info.numel() {
-            return Err(ExportError::LengthMismatch {
-                tensor: name.to_string(),
-                shape: info.shape().to_vec(),
-                expected: info.numel(),
-                found: values.len(),
-            });
-        }
-        let non_finite = values.iter().filter(|v| !v.is_finite()).count();
-        if non_finite > 0 {
-            tracing::warn!(
-                tensor = name,
-                count = non_finite,
-                "replacement values include NaN or infinity"
-            );
-        }
-        let bytes = f32_to_dtype_bytes(values, info.dtype()).map_err(|_| {
-            ExportError::UnsupportedDType {
-                tensor: name.to_string(),
-                dtype: info.dtype(),
-            }
-        })?;
+        let (info, bytes) = source_dtype_bytes(self.model, name, values)?;
         let plan = &self.shards[info.shard_index()];
         let offset = plan.data_start + info.data_offsets().0 as u64;
         let mut file = OpenOptions::new()
@@ -421,29 +385,9 @@ impl DecodedCheckpoint for FakeCheckpoint {
 mod tests {
     use std::collections::BTreeMap;
 
-    use sha2::{Digest, Sha256};
-
     use super::*;
-    use crate::model::testutil::{values, write_model, Spec, STORIES};
+    use crate::model::testutil::{digests, source, values, write_model, Spec, STORIES};
     use crate::model::{DType, ModelConfig};
-
-    /// sha256 of every file under `dir`, by relative path.
-    fn digests(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-            for e in fs::read_dir(dir).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    walk(root, &p, out);
-                } else {
-                    let d = Sha256::digest(fs::read(&p).unwrap()).to_vec();
-                    out.insert(p.strip_prefix(root).unwrap().to_path_buf(), d);
-                }
-            }
-        }
-        let mut out = BTreeMap::new();
-        walk(dir, dir, &mut out);
-        out
-    }
 
     fn entries(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)
@@ -458,15 +402,6 @@ mod tests {
         v.iter()
             .map(|&x| half::bf16::from_f32(x).to_f32())
             .collect()
-    }
-
-    /// A source model in `<root>/src`.
-    fn source(spec: &Spec) -> (tempfile::TempDir, PathBuf) {
-        let root = tempfile::tempdir().unwrap();
-        let src = root.path().join("src");
-        fs::create_dir(&src).unwrap();
-        write_model(&src, spec);
-        (root, src)
     }
 
     #[test]

@@ -6,11 +6,53 @@ use std::fs::{self, File};
 use std::path::{Component, Path, PathBuf};
 
 use super::error::ExportError;
-use crate::model::{Model, INDEX_FILE};
+use crate::model::{f32_to_dtype_bytes, Model, TensorInfo, INDEX_FILE};
 
 /// Entries of the source directory that are never copied: version-control data is not part
 /// of a checkpoint (and for LFS repositories would duplicate the weights).
 const SKIPPED_ENTRIES: &[&str] = &[".git"];
+
+/// `values` of the source tensor `name` converted to its source dtype (BF16/F16 rounded to
+/// nearest even), after checking the tensor exists, has a float dtype and `values` has its
+/// element count. Non-finite values are written, with a warning.
+pub(crate) fn source_dtype_bytes<'m>(
+    model: &'m Model,
+    name: &str,
+    values: &[f32],
+) -> Result<(&'m TensorInfo, Vec<u8>), ExportError> {
+    let info = model
+        .weights
+        .info(name)
+        .map_err(|_| ExportError::UnknownTensor {
+            tensor: name.to_string(),
+            model_dir: model.dir.clone(),
+        })?;
+    let unsupported = || ExportError::UnsupportedDType {
+        tensor: name.to_string(),
+        dtype: info.dtype(),
+    };
+    if !info.dtype().converts_to_f32() {
+        return Err(unsupported());
+    }
+    if values.len() != info.numel() {
+        return Err(ExportError::LengthMismatch {
+            tensor: name.to_string(),
+            shape: info.shape().to_vec(),
+            expected: info.numel(),
+            found: values.len(),
+        });
+    }
+    let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+    if non_finite > 0 {
+        tracing::warn!(
+            tensor = name,
+            count = non_finite,
+            "replacement values include NaN or infinity"
+        );
+    }
+    let bytes = f32_to_dtype_bytes(values, info.dtype()).map_err(|_| unsupported())?;
+    Ok((info, bytes))
+}
 
 /// Writes an extra file into the staging directory `staging` (e.g. a provenance JSON).
 /// `name` is a relative path (sub-directories allowed, created as needed). It takes precedence

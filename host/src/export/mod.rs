@@ -111,6 +111,15 @@ pub fn check_scheme(format: ExportFormat, layer: &str, scheme: &Scheme) -> Resul
     }
 }
 
+/// Whole-model rules of `format` over every linear's scheme (e.g. Ascend's single
+/// `group_size`); checked before any work.
+pub fn check_plan(format: ExportFormat, layers: &[(String, Scheme)]) -> Result<(), String> {
+    match format {
+        ExportFormat::Ascend => ascend::check_plan(layers),
+        _ => Ok(()),
+    }
+}
+
 /// One quantized layer read back from a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedLayer {

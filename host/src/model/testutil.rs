@@ -8,6 +8,38 @@ use serde_json::{json, Value};
 
 use super::dtype::{f32_to_dtype_bytes, DType};
 
+/// sha256 of every file under `dir`, by relative path.
+pub(crate) fn digests(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let d = Sha256::digest(std::fs::read(&p).unwrap()).to_vec();
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), d);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A model written from `spec` into `<temp dir>/src`; keep the temp dir alive while using it.
+pub(crate) fn source(spec: &Spec) -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    write_model(&src, spec);
+    (root, src)
+}
+
 /// The bundled real model (f32, 5 layers).
 /// The bundled model (in the repository, so tests never depend on where `shared/` is).
 pub(crate) const STORIES: &str =

@@ -131,6 +131,26 @@ pub(crate) fn dynamic_input_args() -> QuantArgs {
     int8(true, Granularity::Channel)
 }
 
+/// Whole-model rules: the description has one `group_size`, so every per-group layer must use
+/// the same one.
+pub fn check_plan(layers: &[(String, Scheme)]) -> Result<(), String> {
+    let mut first: Option<(&str, u32)> = None;
+    for (name, scheme) in layers {
+        if let Some(Granularity::Group(g)) = scheme.weights.map(|w| w.granularity) {
+            match first {
+                None => first = Some((name, g)),
+                Some((other, g0)) if g0 != g => {
+                    return Err(format!(
+                        "{other} uses groups of {g0} and {name} groups of {g}, but quant_model_description.json has a single group_size; use one group size for every per-group layer"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether the Ascend format can express `scheme` for `layer`; the error names the layer, what
 /// Ascend cannot express and what to use instead.
 ///

@@ -9,12 +9,12 @@ use serde_json::{Map, Value};
 use super::reader::AscendCheckpoint;
 use super::{check_scheme, AscendType, DESCRIPTION_FILE, NAMING};
 use crate::arch::Family;
-use crate::export::files::{add_extra_file, copy_source_files};
+use crate::export::files::{add_extra_file, copy_source_files, source_dtype_bytes};
 use crate::export::staging::Staging;
 use crate::export::writer::ShardedWriter;
 use crate::export::{Codes, ExportError, ExportOptions, ExportSummary, Exporter, QuantLayer};
 use crate::model::fakequant::ActQuant;
-use crate::model::{f32_to_dtype_bytes, DType, Model, CONFIG_FILE};
+use crate::model::{DType, Model, CONFIG_FILE};
 
 /// Names of the model's top-level tensors and its block layout (from its family, with the
 /// Llama names as fallback for an architecture gs-host has no family file for).
@@ -211,7 +211,7 @@ impl<'m> AscendExport<'m> {
     /// Writes the tensors of one quantized layer.
     fn write_layer(&mut self, l: &QuantLayer) -> Result<(), ExportError> {
         let bad = |reason: String| ExportError::Verification(format!("{}: {reason}", l.name));
-        check_scheme(&l.name, &l.scheme).map_err(ExportError::Verification)?;
+        check_scheme(&l.name, &l.scheme).map_err(ExportError::Unsupported)?;
         let ty = AscendType::of_scheme(&l.scheme);
         let (out, inp) = (l.out_features, l.in_features);
         let weight_name = format!("{}.weight", l.name);
@@ -421,7 +421,7 @@ impl<'m> AscendExport<'m> {
                 };
                 for (l, ty, input) in &fused[1..] {
                     if ty != ty0 {
-                        return Err(ExportError::Verification(format!(
+                        return Err(ExportError::Unsupported(format!(
                             "{first} is {} but {l} is {}: vLLM-Ascend fuses {} into one linear, which needs one type; give them the same scheme",
                             ty0.name(),
                             ty.name(),
@@ -429,7 +429,7 @@ impl<'m> AscendExport<'m> {
                         )));
                     }
                     if input != in0 {
-                        return Err(ExportError::Verification(format!(
+                        return Err(ExportError::Unsupported(format!(
                             "{first} and {l} have different input scales/offsets ({in0:?} vs {input:?}): vLLM-Ascend fuses {} and keeps one input_scale; calibrate them on their shared input",
                             subset.layers.join(", ")
                         )));
@@ -530,39 +530,12 @@ impl Exporter for AscendExport<'_> {
     }
 
     fn tensor(&mut self, name: &str, values: &[f32]) -> Result<(), ExportError> {
-        let info = self
-            .model
-            .weights
-            .info(name)
-            .map_err(|_| ExportError::UnknownTensor {
-                tensor: name.to_string(),
-                model_dir: self.model.dir.clone(),
-            })?;
-        if !info.dtype().converts_to_f32() {
-            return Err(ExportError::UnsupportedDType {
-                tensor: name.to_string(),
-                dtype: info.dtype(),
-            });
-        }
-        if values.len() != info.numel() {
-            return Err(ExportError::LengthMismatch {
-                tensor: name.to_string(),
-                shape: info.shape().to_vec(),
-                expected: info.numel(),
-                found: values.len(),
-            });
-        }
+        let (_, bytes) = source_dtype_bytes(self.model, name, values)?;
         if self.writer.contains(name) {
             return Err(ExportError::AlreadyReplaced {
                 tensor: name.to_string(),
             });
         }
-        let bytes = f32_to_dtype_bytes(values, info.dtype()).map_err(|_| {
-            ExportError::UnsupportedDType {
-                tensor: name.to_string(),
-                dtype: info.dtype(),
-            }
-        })?;
         self.add_source_float(name, &bytes)?;
         self.replaced += 1;
         Ok(())

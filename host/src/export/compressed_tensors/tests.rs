@@ -1,7 +1,7 @@
 //! Tests of the compressed-tensors writer and decoder. Golden values are worked out by hand in
 //! the comments, from the rule cited there.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,6 @@ use gs_quant::{
     fake_quantize, ActArgs, Granularity, QParams, QuantArgs, QuantType, ScaleRule, Scheme,
 };
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::config::{py_float_repr, python_json, quantization_config_json, GroupSpec};
 use super::writer::layer_tensors;
@@ -20,7 +19,7 @@ use crate::export::{
 use crate::manifest::ExportFormat;
 use crate::model::fakequant::ActQuant;
 use crate::model::forward::TensorSource;
-use crate::model::testutil::{edit_index, values, write_model, Spec};
+use crate::model::testutil::{digests, edit_index, source, values, Spec};
 use crate::model::{f32_to_dtype_bytes, DType, Model, Weights};
 
 // ---------------------------------------------------------------- helpers
@@ -159,32 +158,6 @@ fn options() -> ExportOptions {
         max_shard_bytes: 1 << 20,
         linears: linears(),
     }
-}
-
-/// sha256 of every file under `dir`, by relative path.
-fn digests(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let d = Sha256::digest(fs::read(&p).unwrap()).to_vec();
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), d);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-fn source(spec: &Spec) -> (tempfile::TempDir, PathBuf) {
-    let root = tempfile::tempdir().unwrap();
-    let src = root.path().join("src");
-    fs::create_dir(&src).unwrap();
-    write_model(&src, spec);
-    (root, src)
 }
 
 /// `name` quantized with `scheme` the way the pipeline does it: fake-quantize with the

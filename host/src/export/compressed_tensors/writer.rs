@@ -9,12 +9,13 @@ use super::config::{python_json, quantization_config_json, GroupSpec};
 use super::{
     check_scheme, encode_floats, scale_storage_dtype, CompressedTensorsCheckpoint, CtFormat,
 };
+use crate::export::files::source_dtype_bytes;
 use crate::export::{
     add_extra_file, copy_source_files, Codes, DecodedCheckpoint, ExportError, ExportOptions,
     ExportSummary, Exporter, QuantLayer, ShardNaming, ShardedWriter, Staging,
 };
 use crate::model::fakequant::ActQuant;
-use crate::model::{f32_to_dtype_bytes, DType, Model, CONFIG_FILE};
+use crate::model::{DType, Model, CONFIG_FILE};
 
 /// transformers' `save_pretrained` naming, with `__metadata__ {"format": "pt"}` in every shard.
 pub(crate) const NAMING: ShardNaming = ShardNaming {
@@ -371,28 +372,7 @@ impl Exporter for CompressedTensorsExport<'_> {
                 "tensor \"{name}\" is the weight of quantized layer {layer}, already written"
             )));
         }
-        let info = self
-            .model
-            .weights
-            .info(name)
-            .map_err(|_| ExportError::UnknownTensor {
-                tensor: name.to_string(),
-                model_dir: self.model.dir.clone(),
-            })?;
-        if values.len() != info.numel() {
-            return Err(ExportError::LengthMismatch {
-                tensor: name.to_string(),
-                shape: info.shape().to_vec(),
-                expected: info.numel(),
-                found: values.len(),
-            });
-        }
-        let bytes = f32_to_dtype_bytes(values, info.dtype()).map_err(|_| {
-            ExportError::UnsupportedDType {
-                tensor: name.to_string(),
-                dtype: info.dtype(),
-            }
-        })?;
+        let (info, bytes) = source_dtype_bytes(self.model, name, values)?;
         if self.writer.contains(name) {
             return Err(ExportError::AlreadyReplaced {
                 tensor: name.to_string(),

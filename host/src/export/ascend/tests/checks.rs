@@ -248,3 +248,21 @@ fn fp8_codes_are_not_written() {
     let e = ex.layer(&l).unwrap_err().to_string();
     assert!(e.contains("down_proj") && e.contains("FP8"), "{e}");
 }
+
+#[test]
+fn one_group_size_per_model_is_checked_before_any_work() {
+    // quant_model_description.json has a single `group_size` (msModelSlim ascendv1_saver).
+    let layers = vec![
+        ("a".to_string(), w8a16(Granularity::Group(64))),
+        ("b".to_string(), w8a16(Granularity::Channel)),
+        ("c".to_string(), w8a16(Granularity::Group(64))),
+    ];
+    crate::export::ascend::check_plan(&layers).unwrap();
+    let mut mixed = layers;
+    mixed.push(("d".to_string(), w8a16(Granularity::Group(128))));
+    let e = crate::export::ascend::check_plan(&mixed).unwrap_err();
+    assert!(
+        e.contains("a uses groups of 64") && e.contains("d groups of 128"),
+        "{e}"
+    );
+}

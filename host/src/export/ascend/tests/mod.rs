@@ -1,10 +1,8 @@
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use gs_quant::{fake_quantize, ActArgs, Granularity, QuantArgs, QuantType, ScaleRule, Scheme};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::writer::{deq_scale_i64, quant_bias, stored_bias};
 use super::*;
@@ -14,35 +12,10 @@ use crate::export::{
 };
 use crate::manifest::ExportFormat;
 use crate::model::fakequant::ActQuant;
-use crate::model::testutil::{values, write_model, Spec};
+use crate::model::testutil::{digests, source, values, Spec};
 use crate::model::{f32_to_dtype_bytes, DType, Model, Weights};
 
 // ---------------------------------------------------------------- helpers
-
-fn digests(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let d = Sha256::digest(fs::read(&p).unwrap()).to_vec();
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), d);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-fn source(spec: &Spec) -> (tempfile::TempDir, PathBuf) {
-    let root = tempfile::tempdir().unwrap();
-    let src = root.path().join("src");
-    fs::create_dir(&src).unwrap();
-    write_model(&src, spec);
-    (root, src)
-}
 
 fn int8(symmetric: bool, granularity: Granularity, scale_rule: ScaleRule) -> QuantArgs {
     QuantArgs {
