@@ -94,6 +94,8 @@ impl<'w> EvalStream<'w> {
             }
             h.extend_from_slice(&table[row * hidden..(row + 1) * hidden]);
         }
+        drop(table);
+        src.release_prefix(&name);
         Ok(EvalStream {
             windows,
             h,
@@ -137,6 +139,7 @@ impl<'w> EvalStream<'w> {
         let head_name = family.lm_head_weight(cfg.tie_word_embeddings);
         let head = read_tensor(cfg, src, &head_name, "output projection", &[vocab, hidden])?;
         let head = Linear::new(head, None, vocab, hidden)?;
+        src.release_prefix(&head_name);
         let seqlen = self.windows.seqlen();
         let mut nll = Nll::default();
         for (i, ids) in self.windows.iter().enumerate() {
@@ -181,6 +184,8 @@ pub fn perplexity(
     for block in 0..cfg.num_hidden_layers {
         let w = block_with_inputs(cfg, family, block, src, inputs)?;
         stream.advance(dev, cfg, &w)?;
+        drop(w);
+        src.release_prefix(&format!("{}.", family.block_prefix(block)));
     }
     stream.finish(dev, src, cfg, family)
 }

@@ -354,6 +354,10 @@ impl TensorSource for FakeCheckpoint {
     fn dir(&self) -> PathBuf {
         self.model.dir.clone()
     }
+
+    fn release_prefix(&self, prefix: &str) {
+        self.model.weights.release_prefix(prefix);
+    }
 }
 
 impl DecodedCheckpoint for FakeCheckpoint {

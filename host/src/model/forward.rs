@@ -223,6 +223,10 @@ pub trait TensorSource {
     fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError>;
     /// The directory named in errors.
     fn dir(&self) -> PathBuf;
+    /// Drops memory-mapped pages of every tensor whose name starts with `prefix`, once their
+    /// f32 copies are made (keeps a pass over a large checkpoint from growing resident memory).
+    /// Nothing changes for later reads. Default: nothing to drop.
+    fn release_prefix(&self, _prefix: &str) {}
 }
 
 impl TensorSource for Weights {
@@ -238,6 +242,13 @@ impl TensorSource for Weights {
 
     fn dir(&self) -> PathBuf {
         Weights::dir(self).to_path_buf()
+    }
+
+    fn release_prefix(&self, prefix: &str) {
+        for name in self.names().filter(|n| n.starts_with(prefix)) {
+            // Only fails for unknown names, which these are not.
+            let _ = self.release(name);
+        }
     }
 }
 

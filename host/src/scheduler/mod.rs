@@ -485,6 +485,10 @@ pub fn run(
         if let (Some(stream), Some(e)) = (float_eval.as_mut(), spec.eval) {
             let w = BlockWeights::load_from(&model.config, family, block, &model.weights)?;
             stream.advance(e.device, &model.config, &w)?;
+            drop(w);
+            model
+                .weights
+                .release_prefix(&format!("{}.", family.block_prefix(block)));
         }
         if let (Some(stream), Some(e)) = (fake_eval.as_mut(), spec.eval) {
             let w = quantized_block(spec, block, &tensors, &finished)?;
@@ -714,6 +718,8 @@ fn propagate(
     let cfg = &spec.model.config;
     let quant = quantized_block(spec, block, tensors, finished)?;
     let float = BlockWeights::load_from(cfg, spec.family, block, &spec.model.weights)?;
+    let weights: &dyn TensorSource = &spec.model.weights;
+    weights.release_prefix(&format!("{}.", spec.family.block_prefix(block)));
     let measured: Vec<(LinearRole, String)> = finished
         .iter()
         .filter_map(|l| role_in_block(spec.family, block, &l.name).map(|r| (r, l.name.clone())))

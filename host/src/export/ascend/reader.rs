@@ -493,6 +493,10 @@ impl TensorSource for AscendCheckpoint {
     fn dir(&self) -> PathBuf {
         self.dir.clone()
     }
+
+    fn release_prefix(&self, prefix: &str) {
+        self.weights.release_prefix(prefix);
+    }
 }
 
 impl DecodedCheckpoint for AscendCheckpoint {

@@ -593,6 +593,10 @@ impl TensorSource for CompressedTensorsCheckpoint {
     fn dir(&self) -> PathBuf {
         self.dir.clone()
     }
+
+    fn release_prefix(&self, prefix: &str) {
+        self.weights.release_prefix(prefix);
+    }
 }
 
 impl DecodedCheckpoint for CompressedTensorsCheckpoint {
