@@ -13,7 +13,7 @@ use crate::data::{
 use crate::device::CpuDevice;
 use crate::eval::perplexity;
 use crate::eval::report::{LayerEntry, PerplexityEntry, Report};
-use crate::export::{self, ExportOptions, RUN_RECORD};
+use crate::export::{self, ExportOptions, Staging, RUN_RECORD};
 use crate::manifest::{EvalPoint, EvalSection, ExportFormat, Manifest};
 use crate::model::fakequant::act_quant_to_json;
 use crate::model::Model;
@@ -33,7 +33,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             }),
             _,
         ) => eval(model, data, *seqlen, *windows),
-        (Some(Command::Check), Some(m)) => check(m, &cli.plugin_dirs).map(|_| ()),
+        (Some(Command::Check), Some(m)) => check(m, &cli.plugin_dirs, cli.force).map(|_| ()),
         (Some(Command::Run) | None, Some(m)) => run(m, &cli.plugin_dirs, cli.force),
         (Some(Command::Check | Command::Run), None) => {
             bail!("--manifest FILE is required (see docs/manifest.md)")
@@ -117,7 +117,7 @@ struct Prepared {
     eval_windows: Option<Windows>,
 }
 
-fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
+fn check(path: &Path, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
     let manifest = Manifest::load(path)?;
     let mpath = manifest.path.display().to_string();
     let reg = registry(Some(&manifest), dirs)?;
@@ -139,7 +139,9 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
     }
     let model = Model::open(&manifest.model.path)
         .with_context(|| format!("cannot open the model of {mpath}"))?;
-    check_output(&manifest.export.output, &model.dir)?;
+    // The output is checked again when the run starts; here so a long run cannot fail at its end.
+    Staging::check(&manifest.export.output, &model.dir, force)
+        .with_context(|| format!("{mpath}: [export] output"))?;
     let family = arch::family_for(
         &model.config.architectures,
         &model.config.path.display().to_string(),
@@ -247,32 +249,6 @@ fn check(path: &Path, dirs: &[PathBuf]) -> Result<Prepared> {
     })
 }
 
-/// The output may not be (inside) the source model; checked before any work so a long run
-/// does not fail at its end.
-fn check_output(output: &Path, model_dir: &Path) -> Result<()> {
-    // Staging::begin does the full check when the run starts; this catches the common case
-    // early, in `check` too.
-    let out = std::path::absolute(output).unwrap_or_else(|_| output.to_path_buf());
-    let src = std::fs::canonicalize(model_dir).unwrap_or_else(|_| model_dir.to_path_buf());
-    let resolved = out
-        .ancestors()
-        .find_map(|a| {
-            std::fs::canonicalize(a)
-                .ok()
-                .map(|c| c.join(out.strip_prefix(a).unwrap_or(Path::new(""))))
-        })
-        .unwrap_or(out.clone());
-    if resolved == src || resolved.starts_with(&src) {
-        bail!(
-            "output {} is {} the source model directory {}; choose a path outside it (the source is never written)",
-            output.display(),
-            if resolved == src { "" } else { "inside" },
-            src.display()
-        );
-    }
-    Ok(())
-}
-
 /// Evaluation windows of a text file under the perplexity protocol (see `eval::perplexity`).
 fn evaluation_windows(
     tokenizer: &Tokenizer,
@@ -301,7 +277,7 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
         mut stages,
         windows,
         eval_windows,
-    } = check(path, dirs)?;
+    } = check(path, dirs, force)?;
     let started = std::time::Instant::now();
     let format = manifest.export.format;
     let output = manifest.export.output.clone();

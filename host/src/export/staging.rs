@@ -27,15 +27,38 @@ pub struct Staging {
 impl Staging {
     /// Checks the output path against the source model and prepares a staging directory.
     ///
-    /// Refused: an output that is the source directory, lies inside it, or contains it
-    /// (compared after resolving symlinks; a not-yet-existing output is resolved through its
-    /// nearest existing ancestor); an output that exists as a file; an existing non-empty
-    /// output directory unless `force`. Missing parent directories of the output are created.
+    /// Refused: see [`Staging::check`]. Missing parent directories of the output are created.
     pub fn begin(
         output: &Path,
         source_model_dir: &Path,
         force: bool,
     ) -> Result<Staging, ExportError> {
+        let (output, name, parent) = Staging::check(output, source_model_dir, force)?;
+        fs::create_dir_all(&parent).map_err(ExportError::io("create", &parent))?;
+        let mut prefix = OsString::from(".");
+        prefix.push(&name);
+        prefix.push(".gs-tmp-");
+        let temp = create_unique_dir(&parent, &prefix)?;
+        tracing::debug!(output = %output.display(), staging = %temp.display(), "staging output");
+        Ok(Staging {
+            output,
+            temp: Some(temp),
+            force,
+        })
+    }
+
+    /// Checks, without creating anything, that `output` may receive an export of the model in
+    /// `source_model_dir`; returns the absolute output, its name and its parent.
+    ///
+    /// Refused: an output that is the source directory, lies inside it, or contains it
+    /// (compared after resolving symlinks; a not-yet-existing output is resolved through its
+    /// nearest existing ancestor); an output that exists as a file; an existing non-empty
+    /// output directory unless `force`.
+    pub fn check(
+        output: &Path,
+        source_model_dir: &Path,
+        force: bool,
+    ) -> Result<(PathBuf, OsString, PathBuf), ExportError> {
         let output = std::path::absolute(output).map_err(ExportError::io("resolve", output))?;
         let name = output
             .file_name()
@@ -71,18 +94,7 @@ impl Staging {
             });
         }
         check_existing_output(&output, force)?;
-
-        fs::create_dir_all(&parent).map_err(ExportError::io("create", &parent))?;
-        let mut prefix = OsString::from(".");
-        prefix.push(&name);
-        prefix.push(".gs-tmp-");
-        let temp = create_unique_dir(&parent, &prefix)?;
-        tracing::debug!(output = %output.display(), staging = %temp.display(), "staging output");
-        Ok(Staging {
-            output,
-            temp: Some(temp),
-            force,
-        })
+        Ok((output, name, parent))
     }
 
     /// The staging directory to write into.
