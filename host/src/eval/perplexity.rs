@@ -15,7 +15,8 @@ use crate::data::Windows;
 use crate::device::Device;
 use crate::model::fakequant::ActQuant;
 use crate::model::forward::{
-    block_forward, read_tensor, rms_norm, BlockWeights, ForwardError, Linear, TensorSource,
+    block_forward, embed_tokens, read_tensor, rms_norm, BlockWeights, ForwardError, Linear,
+    TensorSource,
 };
 use crate::model::ModelConfig;
 
@@ -79,23 +80,8 @@ impl<'w> EvalStream<'w> {
         windows: &'w Windows,
         chunk_tokens: usize,
     ) -> Result<EvalStream<'w>, ForwardError> {
-        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
-        let name = family.embed_tokens_weight();
-        let table = read_tensor(cfg, src, &name, "token embedding", &[vocab, hidden])?;
-        let mut h = Vec::with_capacity(windows.ids().len() * hidden);
-        for (position, &id) in windows.ids().iter().enumerate() {
-            let row = id as usize;
-            if row >= vocab {
-                return Err(ForwardError::TokenOutOfRange {
-                    id,
-                    position,
-                    vocab,
-                });
-            }
-            h.extend_from_slice(&table[row * hidden..(row + 1) * hidden]);
-        }
-        drop(table);
-        src.release_prefix(&name);
+        let h = embed_tokens(cfg, family, src, windows.ids())?;
+        src.release_prefix(&family.embed_tokens_weight());
         Ok(EvalStream {
             windows,
             h,

@@ -223,10 +223,49 @@ pub trait TensorSource {
     fn tensor_f32(&self, name: &str) -> Result<Option<TensorF32<'_>>, ModelError>;
     /// The directory named in errors.
     fn dir(&self) -> PathBuf;
+    /// Rows `rows` of the 2-D tensor `name` in f32, row-major `[rows.len(), cols]`, with the
+    /// tensor's full shape; `None` if there is no such tensor. When the tensor is not 2-D or a
+    /// row is out of range, the values are empty (the caller checks the shape first).
+    /// Default: converts the whole tensor and gathers the rows.
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Option<RowsF32>, ModelError> {
+        let Some(t) = self.tensor_f32(name)? else {
+            return Ok(None);
+        };
+        Ok(Some(gather_rows(t.shape, rows, |r, cols| {
+            Ok(t.values[r * cols..(r + 1) * cols].to_vec())
+        })?))
+    }
     /// Drops memory-mapped pages of every tensor whose name starts with `prefix`, once their
     /// f32 copies are made (keeps a pass over a large checkpoint from growing resident memory).
     /// Nothing changes for later reads. Default: nothing to drop.
     fn release_prefix(&self, _prefix: &str) {}
+}
+
+/// Some rows of a 2-D tensor: its full `shape` and the rows' values (see
+/// [`TensorSource::rows_f32`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowsF32 {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// `rows` of a tensor of `shape`, each produced by `row(index, cols)`; empty values when the
+/// tensor is not 2-D or a row is out of range.
+fn gather_rows(
+    shape: Vec<usize>,
+    rows: &[usize],
+    mut row: impl FnMut(usize, usize) -> Result<Vec<f32>, ModelError>,
+) -> Result<RowsF32, ModelError> {
+    let mut values = Vec::new();
+    if let [n, cols] = shape[..] {
+        if rows.iter().all(|r| *r < n) {
+            values.reserve(rows.len() * cols);
+            for &r in rows {
+                values.extend(row(r, cols)?);
+            }
+        }
+    }
+    Ok(RowsF32 { shape, values })
 }
 
 impl TensorSource for Weights {
@@ -242,6 +281,29 @@ impl TensorSource for Weights {
 
     fn dir(&self) -> PathBuf {
         Weights::dir(self).to_path_buf()
+    }
+
+    /// Reads and converts only the requested rows.
+    fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Option<RowsF32>, ModelError> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        let info = self.info(name)?;
+        let dtype = info.dtype();
+        let unsupported = || ModelError::UnsupportedDType {
+            tensor: name.to_string(),
+            dtype,
+        };
+        if !dtype.converts_to_f32() {
+            return Err(unsupported());
+        }
+        let raw = self.raw_bytes(name)?;
+        let rows = gather_rows(info.shape().to_vec(), rows, |r, _| {
+            let row_bytes = raw.len() / info.shape()[0];
+            dtype_bytes_to_f32(&raw[r * row_bytes..(r + 1) * row_bytes], dtype)
+                .map_err(|_| unsupported())
+        })?;
+        Ok(Some(rows))
     }
 
     fn release_prefix(&self, prefix: &str) {
@@ -817,49 +879,9 @@ impl<'m> Decoder<'m> {
         &self.model.config
     }
 
-    /// Token embeddings `[T, H]`: the rows of `embed_tokens` for `ids` (only those rows are
-    /// read and converted).
+    /// Token embeddings `[T, H]` of `ids` (see [`embed_tokens`]).
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, ForwardError> {
-        let (vocab, hidden) = (self.cfg().vocab_size, self.cfg().hidden_size);
-        let name = self.family.embed_tokens_weight();
-        let w = &self.model.weights;
-        let info = w.info(&name)?;
-        check_shape(
-            self.cfg(),
-            &name,
-            "token embedding",
-            info.shape(),
-            &[vocab, hidden],
-        )?;
-        if !info.dtype().converts_to_f32() {
-            return Err(ModelError::UnsupportedDType {
-                tensor: name,
-                dtype: info.dtype(),
-            }
-            .into());
-        }
-        let raw = w.raw_bytes(&name)?;
-        let row_bytes = raw.len() / vocab;
-        let mut out = Vec::with_capacity(ids.len() * hidden);
-        for (position, &id) in ids.iter().enumerate() {
-            let row = id as usize;
-            if row >= vocab {
-                return Err(ForwardError::TokenOutOfRange {
-                    id,
-                    position,
-                    vocab,
-                });
-            }
-            let bytes = &raw[row * row_bytes..(row + 1) * row_bytes];
-            let values = dtype_bytes_to_f32(bytes, info.dtype()).map_err(|_| {
-                ModelError::UnsupportedDType {
-                    tensor: name.clone(),
-                    dtype: info.dtype(),
-                }
-            })?;
-            out.extend_from_slice(&values);
-        }
-        Ok(out)
+        embed_tokens(self.cfg(), &self.family, &self.model.weights, ids)
     }
 
     /// Block `i`'s weights in f32.
@@ -915,6 +937,40 @@ impl<'m> Decoder<'m> {
         let x = self.final_norm(dev, &h)?;
         self.lm_head(dev, &x)
     }
+}
+
+/// Token embeddings `[T, H]`: the rows of `embed_tokens` for `ids` (from a memory-mapped
+/// checkpoint only those rows are read and converted).
+pub fn embed_tokens(
+    cfg: &ModelConfig,
+    family: &Family,
+    src: &dyn TensorSource,
+    ids: &[u32],
+) -> Result<Vec<f32>, ForwardError> {
+    let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+    if let Some((position, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab)
+    {
+        return Err(ForwardError::TokenOutOfRange {
+            id,
+            position,
+            vocab,
+        });
+    }
+    let name = family.embed_tokens_weight();
+    let what = "token embedding";
+    let rows: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+    let t = src
+        .rows_f32(&name, &rows)?
+        .ok_or_else(|| ForwardError::MissingTensor {
+            tensor: name.clone(),
+            what: what.to_string(),
+            dir: src.dir(),
+        })?;
+    check_shape(cfg, &name, what, &t.shape, &[vocab, hidden])?;
+    Ok(t.values)
 }
 
 /// Logits `[T, V]` of one sequence `ids: [T]` on the CPU.

@@ -384,25 +384,14 @@ pub fn run(
         None => None,
     };
     let chunk = calibration.map_or(CHUNK_TOKENS, |c| c.chunk_tokens);
-    let mut float_eval = match spec.eval {
-        Some(e) if e.float => Some(EvalStream::start(
-            &model.weights,
-            &model.config,
-            family,
-            e.windows,
-            chunk,
-        )?),
-        _ => None,
-    };
-    let mut fake_eval = match spec.eval {
-        Some(e) if e.fake_quant => Some(EvalStream::start(
-            &model.weights,
-            &model.config,
-            family,
-            e.windows,
-            chunk,
-        )?),
-        _ => None,
+    // Both evaluation streams start from the same embeddings.
+    let (mut float_eval, mut fake_eval) = match spec.eval {
+        Some(e) if e.float || e.fake_quant => {
+            let start = EvalStream::start(&model.weights, &model.config, family, e.windows, chunk)?;
+            let fake = e.fake_quant.then(|| start.clone());
+            (e.float.then_some(start), fake)
+        }
+        _ => (None, None),
     };
     for block in 0..n_blocks {
         let _span = tracing::info_span!("block", block).entered();
