@@ -143,15 +143,23 @@ pub fn gptq_quantize(
         Granularity::Group(_) => None,
     };
 
-    // Hessian in f64, dead columns.
-    let mut hd: Vec<f64> = h.iter().map(|&x| f64::from(x) * h_scale).collect();
-    let mut w = w.to_vec();
-    for i in 0..n {
-        if hd[i * n + i] == 0.0 {
-            hd[i * n + i] = 1.0;
-            for r in 0..rows {
-                w[r * n + i] = 0.0;
+    // Dead inputs (no calibration signal): weights zeroed, `H[i, i] = 1`. The scaled f64
+    // Hessian is built once, already permuted, below (one `n²` f64 copy, not two).
+    let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
+    // act_order sorts dead inputs by their replaced diagonal (1), as the reference does.
+    let diag: Vec<f64> = (0..n)
+        .map(|i| {
+            if dead[i] {
+                1.0
+            } else {
+                f64::from(h[i * n + i]) * h_scale
             }
+        })
+        .collect();
+    let mut w = w.to_vec();
+    for (i, _) in dead.iter().enumerate().filter(|(_, &d)| d) {
+        for r in 0..rows {
+            w[r * n + i] = 0.0;
         }
     }
 
@@ -177,7 +185,7 @@ pub fn gptq_quantize(
     // Processing order.
     let mut perm: Vec<usize> = (0..n).collect();
     if params.act_order {
-        perm.sort_by(|&a, &b| hd[b * n + b].total_cmp(&hd[a * n + a]));
+        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
     }
     let mut inv_perm = vec![0usize; n];
     for (j, &c) in perm.iter().enumerate() {
@@ -190,8 +198,14 @@ pub fn gptq_quantize(
         }
     }
     drop(w);
-    let hp = Mat::<f64>::from_fn(n, n, |i, j| hd[perm[i] * n + perm[j]]);
-    drop(hd);
+    let hp = Mat::<f64>::from_fn(n, n, |i, j| {
+        let (a, b) = (perm[i], perm[j]);
+        if a == b && dead[a] {
+            1.0
+        } else {
+            f64::from(h[a * n + b]) * h_scale
+        }
+    });
 
     let (u, damp) = inverse_cholesky_upper(&hp, params, warn)?;
     drop(hp);

@@ -325,3 +325,37 @@ fn bad_shapes_are_errors() {
     assert!(gptq_quantize(&[0.0; 6], 2, 3, &[0.0; 4], 1.0, &a, &p, &mut |_| {}).is_err());
     assert!(gptq_quantize(&[0.0; 5], 2, 3, &[0.0; 9], 1.0, &a, &p, &mut |_| {}).is_err());
 }
+
+#[test]
+fn two_columns_by_hand() {
+    // One row, H = [[4, 2], [2, 3]], int4 symmetric per channel (Qmax rule: s = absmax / 7).
+    let w = [0.71f32, 0.9];
+    let h = [4.0f32, 2.0, 2.0, 3.0];
+    let a = args(4, true, Granularity::Channel);
+    let p = GptqParams::default();
+    let out = run(&w, 1, 2, &h, &a, &p);
+
+    let lambda = 0.01 * (4.0 + 3.0) / 2.0;
+    let (h00, h01, h11) = (4.0 + lambda, 2.0, 3.0 + lambda);
+    let det = h00 * h11 - h01 * h01;
+    let (i00, i01, i11) = (h11 / det, -h01 / det, h00 / det);
+    let u00 = f64::sqrt(i00);
+    let u01 = i01 / u00;
+    let u11 = f64::sqrt(i11 - u01 * u01);
+    let s = 0.9f32 / 7.0;
+    let q0 = (0.71f32 / s).round_ties_even().clamp(-8.0, 7.0) * s;
+    let err0 = (0.71 - f64::from(q0)) / u00;
+    let w1 = 0.9 - err0 * u01;
+    let q1 = ((w1 as f32) / s).round_ties_even().clamp(-8.0, 7.0) * s;
+    let err1 = (w1 - f64::from(q1)) / u11;
+    assert_eq!(out.weight, vec![q0, q1]);
+    // (With two columns the absmax column sits on the grid, so the shift of w1 cannot change
+    // its rounding; the loss checks that the compensated w1 is the one quantized.)
+    let loss = (err0 * err0 + err1 * err1) / 2.0;
+    assert!(
+        (out.loss - loss).abs() < 1e-5 * loss,
+        "{} vs {loss}",
+        out.loss
+    );
+    assert!((out.damp - lambda).abs() < 1e-12);
+}
