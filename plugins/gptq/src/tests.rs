@@ -359,3 +359,17 @@ fn two_columns_by_hand() {
     );
     assert!((out.damp - lambda).abs() < 1e-12);
 }
+
+/// `cargo test -p gs-plugin-gptq -- --ignored`: a 1024×1024 layer (g128, act_order) end to end.
+#[test]
+#[ignore = "a few seconds; run by hand for timing"]
+fn large_layer_smoke() {
+    let (rows, n) = (1024, 1024);
+    let w = Lcg(12).vec(rows * n);
+    let h = correlated_hessian(n, 64, 13);
+    let a = args(4, true, Granularity::Group(128));
+    let t = std::time::Instant::now();
+    let out = run(&w, rows, n, &h, &a, &params(true, false, 128));
+    eprintln!("1024×1024 gptq: {:?}, loss {:.3e}", t.elapsed(), out.loss);
+    assert_on_grid(&out, rows, n, &a);
+}
