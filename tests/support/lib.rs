@@ -60,6 +60,8 @@ pub fn debug_dir() -> &'static Path {
             "gs-plugin-rtn",
             "-p",
             "gs-plugin-template",
+            "-p",
+            "gs-plugin-gptq",
         ]);
         target_dir().join("debug")
     })
@@ -73,6 +75,11 @@ pub fn gs_host_bin() -> PathBuf {
 /// The RTN plugin as cargo built it.
 pub fn rtn_plugin() -> PathBuf {
     lib_file(debug_dir(), "gs_rtn")
+}
+
+/// The GPTQ plugin as cargo built it.
+pub fn gptq_plugin() -> PathBuf {
+    lib_file(debug_dir(), "gs_gptq")
 }
 
 /// The template plugin as cargo built it.
