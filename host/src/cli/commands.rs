@@ -312,7 +312,7 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
         eval: in_run.as_ref(),
     };
     let summary = scheduler::run(&spec, &mut stages, &mut export)?;
-    let mut report = build_report(&manifest, &family, &summary, eval_windows.as_ref());
+    let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
     let provenance = provenance(&manifest, &stages, &summary, windows.as_ref())?;
     export.add_file(RUN_RECORD, provenance.as_bytes())?;
     export.add_file(REPORT_JSON, report.to_json().as_bytes())?;
@@ -464,7 +464,6 @@ fn ppl_entry(
 /// The per-layer report of a run.
 fn build_report(
     manifest: &Manifest,
-    family: &Family,
     summary: &RunSummary,
     eval_windows: Option<&Windows>,
 ) -> Report {
@@ -472,16 +471,13 @@ fn build_report(
         .layers
         .iter()
         .filter(|l| l.qparams.is_some())
-        .map(|l| {
-            let (block, role) = locate(family, &l.name);
-            LayerEntry {
-                name: l.name.clone(),
-                block,
-                role,
-                scheme: scheme_label(&l.scheme),
-                rel_output_error: l.rel_output_error,
-                metrics: l.metrics.clone(),
-            }
+        .map(|l| LayerEntry {
+            name: l.name.clone(),
+            block: l.block,
+            role: l.role.map(|r| r.name().to_string()).unwrap_or_default(),
+            scheme: scheme_label(&l.scheme),
+            rel_output_error: l.rel_output_error,
+            metrics: l.metrics.clone(),
         })
         .collect();
     // Model order: by block, then as the block computes them.
@@ -515,21 +511,6 @@ fn build_report(
         layers,
         perplexity,
     }
-}
-
-/// Block index and role name of a block linear.
-fn locate(family: &Family, layer: &str) -> (usize, String) {
-    let Some(rest) = layer.strip_prefix(&family.block_prefix(0).trim_end_matches('0').to_string())
-    else {
-        return (0, String::new());
-    };
-    let (num, module) = rest.split_once('.').unwrap_or((rest, ""));
-    let role = family
-        .modules
-        .role_of(module)
-        .map(|r| r.name().to_string())
-        .unwrap_or_default();
-    (num.parse().unwrap_or(0), role)
 }
 
 /// A short human form of a scheme: `w4 g128 sym`, `w8 ch sym · a8 tensor static asym`.

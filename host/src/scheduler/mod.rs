@@ -90,6 +90,10 @@ pub struct ShapeMismatch {
 #[derive(Debug, Clone)]
 pub struct LayerReport {
     pub name: String,
+    /// The decoder block the layer belongs to.
+    pub block: usize,
+    /// Its role in the block (`None` only for a name the family file does not know).
+    pub role: Option<LinearRole>,
     pub scheme: Scheme,
     pub qparams: Option<QParams>,
     /// `(algorithm, key, value)` as reported by plugins.
@@ -443,7 +447,8 @@ pub fn run(
                     layers, prev_op, ..
                 } = run;
                 drop(module);
-                let changed = write_back(&mut tensors, &mut reports, layers, prev_op);
+                let changed =
+                    write_back(family, block, &mut tensors, &mut reports, layers, prev_op);
                 if let Some(from) = changed
                     .iter()
                     .filter_map(|t| invalidates_from(family, block, t))
@@ -1058,6 +1063,8 @@ fn subset_run<'a>(
 /// Moves what a stage changed back into the block's tensors and the layer reports; returns
 /// the names of the tensors that changed.
 fn write_back(
+    family: &Family,
+    block: usize,
     tensors: &mut BlockTensors<'_>,
     reports: &mut BTreeMap<String, LayerReport>,
     layers: Vec<LayerState>,
@@ -1073,6 +1080,8 @@ fn write_back(
             .entry(l.name.clone())
             .or_insert_with(|| LayerReport {
                 name: l.name.clone(),
+                block,
+                role: role_in_block(family, block, &l.name),
                 scheme: l.scheme,
                 qparams: None,
                 metrics: Vec::new(),
