@@ -367,9 +367,11 @@ fn gptq_round_trips_and_beats_rtn() {
     // survive every format like RTN's, and it loses less than RTN on the same data.
     let quant = w4a16(true);
     let rtn = round_trip_with("compressed-tensors", "BF16", &quant, "rtn", "");
+    // "" is the default order (group-aware) with dynamic group scales.
     for params in [
         "",
-        "act_order = true",
+        "order = \"none\"",
+        "order = \"act\"",
         "act_order = true\nstatic_groups = true",
     ] {
         let gptq = round_trip_with("compressed-tensors", "BF16", &quant, "gptq", params);
@@ -379,5 +381,5 @@ fn gptq_round_trips_and_beats_rtn() {
         );
     }
     round_trip_with("ascend", "BF16", "scheme = \"w8a8\"", "gptq", "");
-    round_trip_with("fake", "F32", &w4a16(false), "gptq", "act_order = true");
+    round_trip_with("fake", "F32", &w4a16(false), "gptq", "order = \"act\"");
 }

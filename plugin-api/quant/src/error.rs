@@ -109,4 +109,8 @@ pub enum QuantError {
     /// Ascend int4 pairs need an even length along the packed axis.
     #[error("int4 pair packing along {axis:?} needs an even length, got {len}")]
     OddPairAxis { axis: PairAxis, len: usize },
+
+    /// A range search may shrink the range by a fraction in `[0, 1)` only.
+    #[error("max_shrink must be in [0, 1), got {value}")]
+    MaxShrinkOutOfRange { value: f32 },
 }

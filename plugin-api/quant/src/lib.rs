@@ -53,6 +53,7 @@ pub mod int;
 pub mod pack;
 pub mod qparams;
 pub mod scheme;
+pub mod search;
 
 pub use error::QuantError;
 pub use fake::{
@@ -69,3 +70,4 @@ pub use pack::{
 };
 pub use qparams::{compute_qparams, scale_zero, QParams, ScaleDtype, ZERO_SCALE};
 pub use scheme::*;
+pub use search::{fake_value, search_scale_zero};

@@ -23,21 +23,36 @@
 //! are rounded by its `quantize_value` / `round_to_fp8_e4m3`:
 //! - tensor and channel granularity: from the original weights, up front;
 //! - groups, `static_groups = true`: from the weights (dead columns zeroed) up front;
-//! - groups, otherwise: a group's scales are computed from the weights as they are at the start
-//!   of the block where the group's first column (in processing order) is quantized, as the
-//!   reference does (it reads the group from the full `W`, which is updated at block ends).
+//! - groups, otherwise: each row's group scale is fitted when the group's first column (in
+//!   processing order) is reached, to the group's values at that moment — already updated by
+//!   the error feedback of every column quantized before. (The reference fits them at the
+//!   same column but reads the group from the full `W`, which it updates only at block ends;
+//!   reading the current values is what "the weights as they are when the group starts" means
+//!   and loses nothing.)
 //!
-//! With `act_order`, a column always belongs to the group of its ORIGINAL index, so the returned
-//! qparams keep the normal group-contiguous `[out, in]` layout and every returned weight is on its
-//! own group's grid (no `g_idx` needed). Without `static_groups`, such a group's scales are
-//! computed when its first column is reached, from all of its columns' current values.
+//! **Order** (`order`): `none` keeps the stored column order; `act` sorts columns by
+//! descending `diag(H)` (`desc_act`); `group_aware` (the default, GAR: Gafni et al., "Dual
+//! Precision Quantization for Efficient and Accurate Deep Neural Networks Inference", CVPRW
+//! 2025, as GPTQModel's `act_group_aware`) sorts whole groups by the largest `diag(H)` of
+//! their columns and the columns inside each group by descending `diag(H)`. A group's columns
+//! then stay contiguous, so its scale is fitted after all the more important groups have been
+//! compensated into it — most of `act` order's gain, with dynamic group scales and without a
+//! `g_idx`. Without groups `group_aware` is `act`.
+//!
+//! A column always belongs to the group of its ORIGINAL index, so the returned qparams keep the
+//! normal group-contiguous `[out, in]` layout and every returned weight is on its own group's
+//! grid (no `g_idx` needed, whatever the order).
+//!
+//! The factorization (`perm`, `U`) depends only on `H`, the order and the group size, so
+//! [`prepare`] runs once per subset and group size and is shared by the subset's layers
+//! (q/k/v, gate/up).
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Par, Side};
 use gs_plugin_api::quant::{
-    compute_qparams, dequantize_value, quantize_value, round_to_fp8_e4m3, scale_zero, Granularity,
-    QParams, QuantArgs, QuantError, QuantType,
+    compute_qparams, fake_value, search_scale_zero, Granularity, QParams, QuantArgs, QuantError,
+    QuantType,
 };
 use gs_plugin_api::{
     export_plugin, parse_params, Algorithm, PluginError, StatKind, StatsRequest, Subset,
@@ -45,30 +60,104 @@ use gs_plugin_api::{
 use rayon::prelude::*;
 use serde::Deserialize;
 
+/// Column processing order, see the crate docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// The stored column order (the original GPTQ).
+    None,
+    /// Descending `diag(H)` (act order, `desc_act`).
+    Act,
+    /// Whole groups by descending max `diag(H)`, columns within a group by descending
+    /// `diag(H)` (GAR); `Act` for per-channel and per-tensor schemes.
+    GroupAware,
+}
+
 /// `[[pipeline]] algorithm = "gptq"` parameters; the scheme itself comes from `[quant]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GptqParams {
     /// Dampening, as a fraction of the mean of `diag(H)`, added to the diagonal.
     pub damp: f64,
     /// Columns per lazy batch update.
     pub block_size: usize,
-    /// Process columns by descending `diag(H)`.
-    pub act_order: bool,
+    /// Column processing order.
+    pub order: Order,
     /// Group scales from the original weights up front instead of when a group starts.
     pub static_groups: bool,
     /// Times the dampening is multiplied by 10 after a failed Cholesky factorization.
     pub max_damp_retries: u32,
+    /// Steps of the range search for dynamic group scales (0: plain min/max).
+    pub mse_grid: u32,
+    /// Largest fraction the range search may shrink a group's range by.
+    pub max_shrink: f64,
 }
 
 impl Default for GptqParams {
+    /// Measured on SmolLM2-135M W4A16 g64 (docs/RESULTS.md): group-aware order with dynamic
+    /// group scales at 1 % dampening is the most accurate combination.
     fn default() -> Self {
         Self {
             damp: 0.01,
             block_size: 128,
-            act_order: false,
+            order: Order::GroupAware,
             static_groups: false,
             max_damp_retries: 5,
+            mse_grid: 0,
+            max_shrink: 0.2,
+        }
+    }
+}
+
+/// The TOML table as written; `act_order` is the name other tools use for `order = "act"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParams {
+    damp: Option<f64>,
+    block_size: Option<usize>,
+    order: Option<Order>,
+    act_order: Option<bool>,
+    static_groups: Option<bool>,
+    max_damp_retries: Option<u32>,
+    mse_grid: Option<u32>,
+    max_shrink: Option<f64>,
+}
+
+impl RawParams {
+    fn resolve(self) -> Result<GptqParams, String> {
+        let d = GptqParams::default();
+        let order = match (self.order, self.act_order) {
+            (Some(o), None) => o,
+            (None, Some(true)) => Order::Act,
+            (None, Some(false)) => Order::None,
+            (None, None) => d.order,
+            (Some(o), Some(a)) if (o == Order::Act) == a => o,
+            (Some(o), Some(a)) => {
+                return Err(format!(
+                    "`act_order = {a}` contradicts `order = \"{}\"`; set only `order`",
+                    o.name()
+                ))
+            }
+        };
+        let p = GptqParams {
+            damp: self.damp.unwrap_or(d.damp),
+            block_size: self.block_size.unwrap_or(d.block_size),
+            order,
+            static_groups: self.static_groups.unwrap_or(d.static_groups),
+            max_damp_retries: self.max_damp_retries.unwrap_or(d.max_damp_retries),
+            mse_grid: self.mse_grid.unwrap_or(d.mse_grid),
+            max_shrink: self.max_shrink.unwrap_or(d.max_shrink),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+impl Order {
+    fn name(self) -> &'static str {
+        match self {
+            Order::None => "none",
+            Order::Act => "act",
+            Order::GroupAware => "group_aware",
         }
     }
 }
@@ -77,12 +166,18 @@ impl GptqParams {
     fn validate(&self) -> Result<(), String> {
         if !(self.damp.is_finite() && self.damp > 0.0) {
             return Err(format!(
-                "damp must be positive and finite, got {}",
+                "`damp` must be positive and finite, got {}",
                 self.damp
             ));
         }
         if self.block_size == 0 {
-            return Err("block_size must be at least 1".into());
+            return Err("`block_size` must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.max_shrink) {
+            return Err(format!(
+                "`max_shrink` must be in [0, 1), got {}",
+                self.max_shrink
+            ));
         }
         Ok(())
     }
@@ -101,6 +196,104 @@ pub struct GptqOutput {
     pub damp: f64,
 }
 
+/// What GPTQ needs from `H` for one layer shape: shared by the layers of a subset.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Input columns.
+    n: usize,
+    /// `perm[j]` = original column processed at position `j`.
+    perm: Vec<usize>,
+    /// Inputs without calibration signal (`H[i, i] == 0`), original indices.
+    dead: Vec<bool>,
+    /// Upper Cholesky factor of the permuted, dampened `H⁻¹`, row-major f32 `[n, n]`.
+    u: Vec<f32>,
+    /// Absolute dampening added to the diagonal (after the retries).
+    damp: f64,
+    /// Group size the order was built for (`None`: no groups).
+    group: Option<usize>,
+    /// `diag(H)` in processing order (dead inputs: 1), the range search's importance.
+    importance: Vec<f32>,
+}
+
+/// Processing order, inverse Cholesky factor and dampening of `h: [n, n]` (times `h_scale`).
+///
+/// `group` is the scheme's group size (the group-aware order needs it).
+pub fn prepare(
+    h: &[f32],
+    n: usize,
+    h_scale: f64,
+    group: Option<usize>,
+    params: &GptqParams,
+    warn: &mut dyn FnMut(&str),
+) -> Result<Prepared, String> {
+    params.validate()?;
+    if h.len() != n * n {
+        return Err(format!("Hessian has {} values, expected {n}×{n}", h.len()));
+    }
+    if let Some(i) = h.iter().position(|x| !x.is_finite()) {
+        return Err(format!("Hessian value {i} is not finite ({})", h[i]));
+    }
+    // Dead inputs (no calibration signal): `H[i, i] = 1` (and their weights zeroed later).
+    let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
+    // The orders sort dead inputs by their replaced diagonal (1), as the reference does.
+    let diag: Vec<f64> = (0..n)
+        .map(|i| {
+            if dead[i] {
+                1.0
+            } else {
+                f64::from(h[i * n + i]) * h_scale
+            }
+        })
+        .collect();
+    let perm = processing_order(&diag, params.order, group);
+    // The scaled f64 Hessian, built once, already permuted.
+    let hp = Mat::<f64>::from_fn(n, n, |i, j| {
+        let (a, b) = (perm[i], perm[j]);
+        if a == b && dead[a] {
+            1.0
+        } else {
+            f64::from(h[a * n + b]) * h_scale
+        }
+    });
+    let (u, damp) = inverse_cholesky_upper(&hp, params, warn)?;
+    let importance = perm.iter().map(|&c| diag[c] as f32).collect();
+    Ok(Prepared {
+        n,
+        perm,
+        dead,
+        u,
+        damp,
+        group,
+        importance,
+    })
+}
+
+/// `perm[j]` = the original column processed at position `j` (stable sorts: ties keep their
+/// stored order).
+pub fn processing_order(diag: &[f64], order: Order, group: Option<usize>) -> Vec<usize> {
+    let n = diag.len();
+    let mut perm: Vec<usize> = (0..n).collect();
+    let by_diag_desc = |a: &usize, b: &usize| diag[*b].total_cmp(&diag[*a]);
+    match (order, group) {
+        (Order::None, _) => {}
+        (Order::Act, _) | (Order::GroupAware, None) => perm.sort_by(by_diag_desc),
+        (Order::GroupAware, Some(g)) => {
+            let g = g.max(1);
+            let mut groups: Vec<Vec<usize>> = (0..n.div_ceil(g))
+                .map(|gi| {
+                    let mut cols: Vec<usize> = (gi * g..((gi + 1) * g).min(n)).collect();
+                    cols.sort_by(by_diag_desc);
+                    cols
+                })
+                .collect();
+            // Each group's score is its largest diagonal: its first column after the sort.
+            groups.sort_by(|a, b| diag[b[0]].total_cmp(&diag[a[0]]));
+            perm = groups.concat();
+        }
+    }
+    perm
+}
+
 /// GPTQ of one `[rows, cols]` weight matrix with Hessian `h: [cols, cols]`.
 ///
 /// `h_scale` multiplies `h` (only the loss depends on it). `warn` receives one message per
@@ -116,81 +309,83 @@ pub fn gptq_quantize(
     params: &GptqParams,
     warn: &mut dyn FnMut(&str),
 ) -> Result<GptqOutput, String> {
+    args.validate().map_err(qerr)?;
+    let prep = prepare(h, cols, h_scale, group_size(args), params, warn)?;
+    quantize_prepared(w, rows, &prep, args, params)
+}
+
+/// The scheme's group size, if it has groups.
+pub fn group_size(args: &QuantArgs) -> Option<usize> {
+    match args.granularity {
+        Granularity::Group(g) => Some(g as usize),
+        _ => None,
+    }
+}
+
+/// GPTQ of one `[rows, prep.n]` weight matrix with a prepared Hessian.
+pub fn quantize_prepared(
+    w: &[f32],
+    rows: usize,
+    prep: &Prepared,
+    args: &QuantArgs,
+    params: &GptqParams,
+) -> Result<GptqOutput, String> {
     params.validate()?;
     args.validate().map_err(qerr)?;
-    if w.len() != rows * cols {
+    let n = prep.n;
+    if w.len() != rows * n {
         return Err(format!(
-            "weight has {} values, expected {rows}×{cols}",
+            "weight has {} values, expected {rows}×{n}",
             w.len()
         ));
     }
-    if h.len() != cols * cols {
+    let group = group_size(args);
+    if group != prep.group {
         return Err(format!(
-            "Hessian has {} values, expected {cols}×{cols}",
-            h.len()
+            "the Hessian was prepared for group size {:?}, the scheme has {group:?}",
+            prep.group
         ));
     }
-    if let Some(i) = h.iter().position(|x| !x.is_finite()) {
-        return Err(format!("Hessian value {i} is not finite ({})", h[i]));
-    }
-    let n = cols;
+    let (perm, u) = (&prep.perm, &prep.u);
 
     // Tensor and channel qparams: from the original weights.
-    let fixed = match args.granularity {
-        Granularity::Tensor | Granularity::Channel => {
-            Some(compute_qparams(w, rows, cols, args).map_err(qerr)?)
-        }
-        Granularity::Group(_) => None,
+    let fixed = match group {
+        None => Some(compute_qparams(w, rows, n, args).map_err(qerr)?),
+        Some(_) => None,
     };
-
-    // Dead inputs (no calibration signal): weights zeroed, `H[i, i] = 1`. The scaled f64
-    // Hessian is built once, already permuted, below (one `n²` f64 copy, not two).
-    let dead: Vec<bool> = (0..n).map(|i| h[i * n + i] == 0.0).collect();
-    // act_order sorts dead inputs by their replaced diagonal (1), as the reference does.
-    let diag: Vec<f64> = (0..n)
-        .map(|i| {
-            if dead[i] {
-                1.0
-            } else {
-                f64::from(h[i * n + i]) * h_scale
-            }
-        })
-        .collect();
     let mut w = w.to_vec();
-    for (i, _) in dead.iter().enumerate().filter(|(_, &d)| d) {
+    for (i, _) in prep.dead.iter().enumerate().filter(|(_, &d)| d) {
         for r in 0..rows {
             w[r * n + i] = 0.0;
         }
     }
 
-    let group = match args.granularity {
-        Granularity::Group(g) => Some(g as usize),
-        _ => None,
-    };
     let n_groups = group.map_or(0, |g| n.div_ceil(g));
     let with_zeros = args.ty == QuantType::Int && !args.symmetric;
-    // Group scales `[rows, n_groups]`; `ready[g]` once computed.
+    // Group scales `[rows, n_groups]`.
     let mut gscales = vec![0f32; rows * n_groups];
     let mut gzeros = vec![0i32; rows * n_groups];
-    let mut ready = vec![false; n_groups];
+    let dynamic_groups = group.is_some() && !params.static_groups;
     if group.is_some() && params.static_groups {
-        let qp = compute_qparams(&w, rows, cols, args).map_err(qerr)?;
+        let qp = compute_qparams(&w, rows, n, args).map_err(qerr)?;
         gscales.copy_from_slice(&qp.scales);
         if with_zeros {
             gzeros.copy_from_slice(&qp.zeros);
         }
-        ready.fill(true);
+    }
+    // Where each group starts in processing order, and its members' positions.
+    let mut starts: Vec<Option<usize>> = vec![None; n];
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); n_groups];
+    if let (Some(g), true) = (group, dynamic_groups) {
+        for (j, &c) in perm.iter().enumerate() {
+            let gi = c / g;
+            if members[gi].is_empty() {
+                starts[j] = Some(gi);
+            }
+            members[gi].push(j);
+        }
     }
 
-    // Processing order.
-    let mut perm: Vec<usize> = (0..n).collect();
-    if params.act_order {
-        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
-    }
-    let mut inv_perm = vec![0usize; n];
-    for (j, &c) in perm.iter().enumerate() {
-        inv_perm[c] = j;
-    }
     let mut wp = vec![0f32; rows * n];
     for r in 0..rows {
         for (j, &c) in perm.iter().enumerate() {
@@ -198,81 +393,65 @@ pub fn gptq_quantize(
         }
     }
     drop(w);
-    let hp = Mat::<f64>::from_fn(n, n, |i, j| {
-        let (a, b) = (perm[i], perm[j]);
-        if a == b && dead[a] {
-            1.0
-        } else {
-            f64::from(h[a * n + b]) * h_scale
-        }
-    });
-
-    let (u, damp) = inverse_cholesky_upper(&hp, params, warn)?;
-    drop(hp);
-
-    let (qmin, qmax) = match args.ty {
-        QuantType::Int => args.int_range(),
-        QuantType::Float => (0, 0),
-    };
-    let fake = |x: f32, s: f32, z: i32| -> f32 {
-        match args.ty {
-            QuantType::Int => dequantize_value(quantize_value(x, s, z, qmin, qmax), s, z),
-            QuantType::Float => round_to_fp8_e4m3(x / s) * s,
-        }
-    };
 
     let bs = params.block_size;
     let mut loss = 0f64;
     let mut errs = vec![0f32; rows * bs];
+    let gstride = n_groups.max(1);
+    if n_groups == 0 {
+        // One (unused) slot per row keeps the row zip below uniform.
+        gscales = vec![0f32; rows];
+        gzeros = vec![0i32; rows];
+    }
     let mut b = 0;
     while b < n {
         let e = (b + bs).min(n);
-        // Groups starting in this block: scales from W as it is now.
-        if let Some(g) = group {
-            for &c in &perm[b..e] {
-                let gi = c / g;
-                if ready[gi] {
-                    continue;
-                }
-                let members: Vec<usize> = (gi * g..((gi + 1) * g).min(n))
-                    .map(|c| inv_perm[c])
-                    .collect();
-                for r in 0..rows {
-                    let row = &wp[r * n..(r + 1) * n];
-                    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-                    for &j in &members {
-                        lo = lo.min(row[j]);
-                        hi = hi.max(row[j]);
-                    }
-                    let (s, z) = scale_zero(lo, hi, args).map_err(qerr)?;
-                    gscales[r * n_groups + gi] = s;
-                    gzeros[r * n_groups + gi] = z;
-                }
-                ready[gi] = true;
-            }
-        }
-        let (gscales, gzeros) = (&gscales, &gzeros);
         let fixed = fixed.as_ref();
-        let perm = &perm;
-        let u = &u;
-        let block_loss: f64 = wp
+        let (starts, members) = (&starts, &members);
+        let block_loss = wp
             .par_chunks_mut(n)
             .zip(errs.par_chunks_mut(bs))
+            .zip(gscales.par_chunks_mut(gstride))
+            .zip(gzeros.par_chunks_mut(gstride))
             .enumerate()
-            .map(|(r, (row, err_row))| {
+            .map(|(r, (((row, err_row), srow), zrow))| {
                 let mut l = 0f64;
+                let (mut vals, mut imp) = (Vec::new(), Vec::new());
                 for j in b..e {
                     let c = perm[j];
+                    if let Some(gi) = starts[j] {
+                        // The group starts: fit its scale to its current values. Members
+                        // after this block have not received the block's errors yet (the
+                        // lazy update comes at its end): add them here.
+                        vals.clear();
+                        imp.clear();
+                        for &m in &members[gi] {
+                            let mut v = row[m];
+                            if m >= e {
+                                for i in b..j {
+                                    v -= err_row[i - b] * u[i * n + m];
+                                }
+                            }
+                            vals.push(v);
+                            imp.push(prep.importance[m]);
+                        }
+                        let (s, z) = search_scale_zero(
+                            &vals,
+                            &imp,
+                            args,
+                            params.mse_grid,
+                            params.max_shrink as f32,
+                        )?;
+                        srow[gi] = s;
+                        zrow[gi] = z;
+                    }
                     let (s, z) = match (fixed, group) {
                         (Some(qp), _) => (qp.scale_for(r, c), qp.zero_for(r, c)),
-                        (None, Some(g)) => {
-                            let k = r * n_groups + c / g;
-                            (gscales[k], gzeros[k])
-                        }
+                        (None, Some(g)) => (srow[c / g], zrow[c / g]),
                         (None, None) => unreachable!("tensor/channel qparams are fixed"),
                     };
                     let x = row[j];
-                    let q = fake(x, s, z);
+                    let q = fake_value(x, s, z, args);
                     let err = (x - q) / u[j * n + j];
                     row[j] = q;
                     l += f64::from(err) * f64::from(err) / 2.0;
@@ -282,9 +461,10 @@ pub fn gptq_quantize(
                         row[k] -= err * urow[k];
                     }
                 }
-                l
+                Ok(l)
             })
-            .sum();
+            .try_reduce(|| 0.0, |a, b| Ok(a + b))
+            .map_err(qerr)?;
         loss += block_loss;
         if e < n {
             lazy_update(&mut wp, &errs, u, n, b, e, bs);
@@ -303,7 +483,7 @@ pub fn gptq_quantize(
         (None, Some(g)) => QParams::new(
             Granularity::Group(g as u32),
             rows,
-            cols,
+            n,
             gscales,
             if with_zeros { gzeros } else { Vec::new() },
         )
@@ -314,7 +494,7 @@ pub fn gptq_quantize(
         weight: out,
         qparams,
         loss,
-        damp,
+        damp: prep.damp,
     })
 }
 
@@ -424,9 +604,9 @@ impl Algorithm for Gptq {
         "GPTQ: Hessian-aware column-by-column quantization with error compensation";
 
     fn from_params(params_toml: &str) -> Result<Self, PluginError> {
-        let params: GptqParams = parse_params(Self::NAME, params_toml)?;
-        params
-            .validate()
+        let raw: RawParams = parse_params(Self::NAME, params_toml)?;
+        let params = raw
+            .resolve()
             .map_err(|m| PluginError::invalid_params(format!("parameters of `gptq`: {m}")))?;
         Ok(Gptq { params })
     }
@@ -439,28 +619,48 @@ impl Algorithm for Gptq {
         let tokens = subset.token_count()?;
         // Only the reported loss depends on this scale (see the crate docs).
         let h_scale = 2.0 / tokens.max(1) as f64;
+        // The layers of a subset share `H`: one factorization per group size.
+        let mut prepared: Vec<Prepared> = Vec::new();
         for i in 0..subset.len() {
             let layer = subset.layer(i)?;
             let Some(args) = layer.scheme.weights else {
                 continue; // skipped by the manifest
             };
-            let h = subset.stat(StatKind::HESSIAN)?;
-            let w = subset.weight(i)?;
-            let mut warnings = Vec::new();
-            let result = gptq_quantize(
-                w,
-                layer.out_features,
-                layer.in_features,
-                h,
-                h_scale,
-                &args,
-                &self.params,
-                &mut |m| warnings.push(m.to_string()),
-            );
-            for m in &warnings {
-                subset.warn(&format!("{}: {m}", layer.name));
+            let group = group_size(&args);
+            if let Some(g) = group {
+                if g == 0 || layer.in_features % g != 0 {
+                    return Err(PluginError::unsupported(format!(
+                        "gptq: {}: group size {g} does not divide its {} input columns",
+                        layer.name, layer.in_features
+                    )));
+                }
             }
-            let out = result.map_err(|m| PluginError::numeric(format!("{}: {m}", layer.name)))?;
+            let k =
+                match prepared.iter().position(|p| p.group == group) {
+                    Some(k) => k,
+                    None => {
+                        let h = subset.stat(StatKind::HESSIAN)?;
+                        let mut warnings = Vec::new();
+                        let prep = prepare(
+                            h,
+                            layer.in_features,
+                            h_scale,
+                            group,
+                            &self.params,
+                            &mut |m| warnings.push(m.to_string()),
+                        );
+                        for m in &warnings {
+                            subset.warn(&format!("{}: {m}", subset.name()));
+                        }
+                        prepared.push(prep.map_err(|m| {
+                            PluginError::numeric(format!("gptq: {}: {m}", layer.name))
+                        })?);
+                        prepared.len() - 1
+                    }
+                };
+            let w = subset.weight(i)?;
+            let out = quantize_prepared(w, layer.out_features, &prepared[k], &args, &self.params)
+                .map_err(|m| PluginError::numeric(format!("gptq: {}: {m}", layer.name)))?;
             subset.set_weight(i, &out.weight)?;
             subset.set_qparams(i, &out.qparams)?;
             subset.report_metric(i, "gptq_loss", out.loss);
