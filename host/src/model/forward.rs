@@ -709,22 +709,76 @@ pub fn block_forward_probed(
     tap: &mut dyn FnMut(Tap, &[f32]),
     output: &mut dyn FnMut(LinearRole, &[f32]),
 ) -> Result<(), ForwardError> {
+    block_forward_inner(dev, cfg, w, h, n_seq, seqlen, None, tap, output)
+}
+
+/// The block only as far as tap `last`: `tap` sees every tap up to and including `last`, then
+/// the forward stops. `h` is left partly updated (only the taps are the result): for statistics
+/// passes, which need a subset's input but not the block's output.
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_until(
+    dev: &dyn Device,
+    cfg: &ModelConfig,
+    w: &BlockWeights<'_>,
+    h: &mut [f32],
+    n_seq: usize,
+    seqlen: usize,
+    last: Tap,
+    tap: &mut dyn FnMut(Tap, &[f32]),
+) -> Result<(), ForwardError> {
+    block_forward_inner(
+        dev,
+        cfg,
+        w,
+        h,
+        n_seq,
+        seqlen,
+        Some(last),
+        tap,
+        &mut |_, _| {},
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_forward_inner(
+    dev: &dyn Device,
+    cfg: &ModelConfig,
+    w: &BlockWeights<'_>,
+    h: &mut [f32],
+    n_seq: usize,
+    seqlen: usize,
+    until: Option<Tap>,
+    tap: &mut dyn FnMut(Tap, &[f32]),
+    output: &mut dyn FnMut(LinearRole, &[f32]),
+) -> Result<(), ForwardError> {
     let d = Dims::new(cfg);
     check_len("hidden states", h.len(), n_seq * seqlen * d.hidden, || {
         format!("[n_seq={n_seq} · seqlen={seqlen}, hidden={}]", d.hidden)
     })?;
     let x = rms_norm(dev, h, &w.input_norm, d.eps)?;
     tap(Tap::AttnInput, &x);
+    if until == Some(Tap::AttnInput) {
+        return Ok(());
+    }
     let ctx = attention_context_probed(dev, cfg, w, &x, n_seq, seqlen, output)?;
     tap(Tap::AttnContext, &ctx);
+    if until == Some(Tap::AttnContext) {
+        return Ok(());
+    }
     let o = w.o.forward(dev, &ctx)?;
     output(LinearRole::O, &o);
     dev.add(h, &o)?;
 
     let x = rms_norm(dev, h, &w.post_attention_norm, d.eps)?;
     tap(Tap::MlpInput, &x);
+    if until == Some(Tap::MlpInput) {
+        return Ok(());
+    }
     let hidden = mlp_hidden_probed(dev, w, &x, output)?;
     tap(Tap::MlpHidden, &hidden);
+    if until == Some(Tap::MlpHidden) {
+        return Ok(());
+    }
     let down = w.down.forward(dev, &hidden)?;
     output(LinearRole::Down, &down);
     dev.add(h, &down)?;

@@ -34,8 +34,8 @@ use crate::export::{Exporter, FinalizeError, NumberRules, QuantLayer};
 use crate::manifest::QuantPlan;
 use crate::model::fakequant::ActQuant;
 use crate::model::forward::{
-    attention_forward, block_forward, block_forward_probed, linear_shape, mlp_forward, tap_width,
-    BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
+    attention_forward, block_forward, block_forward_probed, block_forward_until, linear_shape,
+    mlp_forward, tap_width, BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
 };
 use crate::model::DType;
 use crate::model::{Model, ModelError};
@@ -397,6 +397,8 @@ pub fn run(
         }
         _ => (None, None),
     };
+    // Learned in the first block: which stages change weights (see `collect_stats`).
+    let mut modifies = vec![false; stages.len()];
     for block in 0..n_blocks {
         let _span = tracing::info_span!("block", block).entered();
         let subsets = family.block_subsets(block);
@@ -410,14 +412,18 @@ pub fn run(
             (Some(c), Some(h)) => Some((c, h)),
             _ => None,
         };
-        for stage in stages.iter_mut() {
+        for (k, stage) in stages.iter_mut().enumerate() {
             for (si, subset) in subsets.iter().enumerate() {
                 let _s = tracing::debug_span!("subset", subset = %subset.name).entered();
                 let needed = stage.required;
                 if let Some((c, h)) = calib.as_mut() {
                     if cache.needs(&subset.name, needed) {
+                        // A stage that changes weights makes the later subsets' inputs stale:
+                        // compute only this subset's tap for it.
+                        let only = modifies[k].then_some(subset.tap);
                         collect_stats(
-                            model, family, block, &subsets, &tensors, c, h, request, &mut cache,
+                            model, family, block, &subsets, &tensors, c, h, request, only,
+                            &mut cache,
                         )?;
                         summary.stats_passes += 1;
                     }
@@ -449,6 +455,7 @@ pub fn run(
                 drop(module);
                 let changed =
                     write_back(family, block, &mut tensors, &mut reports, layers, prev_op);
+                modifies[k] |= !changed.is_empty();
                 if let Some(from) = changed
                     .iter()
                     .filter_map(|t| invalidates_from(family, block, t))
@@ -781,6 +788,28 @@ fn propagate(
 /// Default calibration tokens per forward call (see [`Calibration::chunk_tokens`]).
 pub const CHUNK_TOKENS: usize = 1024;
 
+/// [`forward_block`] only as far as tap `last` (`h` is left partly updated).
+#[allow(clippy::too_many_arguments)]
+fn forward_block_until(
+    model: &Model,
+    family: &Family,
+    block: usize,
+    tensors: &BlockTensors<'_>,
+    c: &Calibration<'_>,
+    h: &mut [f32],
+    last: Tap,
+    tap: &mut dyn FnMut(Tap, &[f32]),
+) -> Result<(), ScheduleError> {
+    let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
+    let seqlen = c.windows.seqlen();
+    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * model.config.hidden_size;
+    for chunk in h.chunks_mut(per_chunk) {
+        let n = chunk.len() / (seqlen * model.config.hidden_size);
+        block_forward_until(c.device, &model.config, &w, chunk, n, seqlen, last, tap)?;
+    }
+    Ok(())
+}
+
 /// Runs block `block` with its current tensors on `h` (updated in place), a chunk of
 /// sequences at a time; `tap` sees each subset input chunk by chunk, in token order.
 fn forward_block(
@@ -804,7 +833,11 @@ fn forward_block(
 }
 
 /// One forward pass over the block's calibration input that computes `request` for every
-/// subset whose statistics are missing, and caches them.
+/// subset whose statistics are missing (only those observed at tap `only`, when given), and
+/// caches them. The forward stops at the last tap it needs.
+///
+/// `XᵀX` is summed in f32 within a forward chunk (at most [`Calibration::chunk_tokens`] tokens,
+/// one GEMM) and across chunks in f64.
 #[allow(clippy::too_many_arguments)]
 fn collect_stats(
     model: &Model,
@@ -815,15 +848,24 @@ fn collect_stats(
     c: &Calibration<'_>,
     h: &[f32],
     request: StatsRequest,
+    only: Option<Tap>,
     cache: &mut StatsCache,
 ) -> Result<(), ScheduleError> {
     let mut pending: Vec<(usize, Option<Accumulator>)> = subsets
         .iter()
         .enumerate()
-        .filter(|(_, s)| cache.needs(&s.name, request))
+        .filter(|(_, s)| cache.needs(&s.name, request) && only.is_none_or(|t| s.tap == t))
         .map(|(i, _)| (i, None))
         .collect();
+    let Some(last) = pending
+        .iter()
+        .map(|(i, _)| subsets[*i].tap)
+        .max_by_key(|t| t.rank())
+    else {
+        return Ok(());
+    };
     let mut failure = None;
+    let mut gram = Vec::new();
     let mut tap = |t: Tap, x: &[f32]| {
         for (i, acc) in pending.iter_mut() {
             if subsets[*i].tap != t {
@@ -832,14 +874,32 @@ fn collect_stats(
             let k = tap_width(&model.config, t);
             let acc = acc.get_or_insert_with(|| Accumulator::new(request, k));
             acc.observe(x, &mut |x, m, k, h| {
-                if let Err(e) = c.device.xtx_accumulate_f64(x, m, k, h) {
-                    failure.get_or_insert(e);
+                gram.clear();
+                gram.resize(k * k, 0.0f32);
+                match c.device.xtx_accumulate(x, m, k, &mut gram) {
+                    Ok(()) => {
+                        for (s, g) in h.iter_mut().zip(&gram) {
+                            *s += f64::from(*g);
+                        }
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
                 }
             });
         }
     };
     let mut scratch = h.to_vec();
-    forward_block(model, family, block, tensors, c, &mut scratch, &mut tap)?;
+    forward_block_until(
+        model,
+        family,
+        block,
+        tensors,
+        c,
+        &mut scratch,
+        last,
+        &mut tap,
+    )?;
     if let Some(e) = failure {
         return Err(ForwardError::from(e).into());
     }
