@@ -1,6 +1,7 @@
 //! [`CpuDevice`]: faer GEMMs (parallel on the rayon pool) and rayon loops for the rest.
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -236,7 +237,7 @@ impl Device for CpuDevice {
         let shape = || format!("x [m={m}, k={k}], h [k={k}, k={k}]");
         check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
         check_len(OP, "h", h.len(), checked_mul(OP, &[k, k])?, shape)?;
-        gemm_xtx_add(x, h, m, k, 1.0, self.par);
+        syrk_lower_add(x, h, m, k, self.par);
         Ok(())
     }
 
@@ -291,6 +292,34 @@ where
     let x = MatRef::from_row_major_slice(x, m, k);
     let h = MatMut::from_row_major_slice_mut(h, k, k);
     matmul(h, Accum::Add, x.transpose(), x, one, par);
+}
+
+/// `h += xᵀx` for a symmetric `h`, computing only the lower triangle (half the GEMM) and
+/// mirroring it.
+fn syrk_lower_add(x: &[f32], h: &mut [f32], m: usize, k: usize, par: Par) {
+    if m == 0 || k == 0 {
+        return;
+    }
+    let xm = MatRef::from_row_major_slice(x, m, k);
+    {
+        let hm = MatMut::from_row_major_slice_mut(h, k, k);
+        triangular::matmul(
+            hm,
+            BlockStructure::TriangularLower,
+            Accum::Add,
+            xm.transpose(),
+            BlockStructure::Rectangular,
+            xm,
+            BlockStructure::Rectangular,
+            1.0f32,
+            par,
+        );
+    }
+    for i in 0..k {
+        for j in i + 1..k {
+            h[i * k + j] = h[j * k + i];
+        }
+    }
 }
 
 /// Rows of width `width` per rayon task so a task holds about [`MIN_ELEMS_PER_TASK`] elements.
