@@ -89,6 +89,7 @@ fn params(act_order: bool, static_groups: bool, block_size: usize) -> GptqParams
     GptqParams {
         order: if act_order { Order::Act } else { Order::None },
         static_groups,
+        mse_grid: 0,
         block_size,
         ..GptqParams::default()
     }
@@ -297,12 +298,13 @@ fn params_defaults_and_refusals() {
             order: Order::GroupAware,
             static_groups: false,
             max_damp_retries: 5,
-            mse_grid: 0,
+            mse_grid: 100,
             max_shrink: 0.2,
         }
     );
     let g = Gptq::from_params(
-        "damp = 0.1\nblock_size = 64\norder = \"act\"\nstatic_groups = true\nmax_damp_retries = 2",
+        "damp = 0.1\nblock_size = 64\norder = \"act\"\nstatic_groups = true\nmax_damp_retries = 2\n\
+         mse_grid = 0\nmax_shrink = 0.1",
     )
     .unwrap();
     assert_eq!(
@@ -314,7 +316,7 @@ fn params_defaults_and_refusals() {
             static_groups: true,
             max_damp_retries: 2,
             mse_grid: 0,
-            max_shrink: 0.2,
+            max_shrink: 0.1,
         }
     );
     // `act_order`, the other tools' name, selects the act order or none.
@@ -571,6 +573,7 @@ fn blocked_cholesky_gptq_equals_the_obq_reference() {
             order,
             static_groups,
             block_size,
+            mse_grid: 0,
             ..GptqParams::default()
         };
         let ours = run(&w, rows, n, &h, &a, &p);
@@ -614,6 +617,7 @@ fn group_aware_order_keeps_groups_contiguous_and_beats_natural_order() {
         &a,
         &GptqParams {
             order: Order::GroupAware,
+            mse_grid: 0,
             ..GptqParams::default()
         },
     );
@@ -642,18 +646,18 @@ fn the_range_search_never_loses_on_its_own_objective_and_stays_on_grid() {
         args(4, true, Granularity::Group(8)),
         args(3, false, Granularity::Group(8)),
     ] {
-        let plain = run(&w, rows, n, &h, &a, &GptqParams::default());
-        let searched = run(
+        let plain = run(
             &w,
             rows,
             n,
             &h,
             &a,
             &GptqParams {
-                mse_grid: 20,
+                mse_grid: 0,
                 ..GptqParams::default()
             },
         );
+        let searched = run(&w, rows, n, &h, &a, &GptqParams::default());
         assert_on_grid(&searched, rows, n, &a);
         // Shrinking is allowed, never required: some scale must differ, none may grow.
         assert_ne!(searched.qparams.scales, plain.qparams.scales, "{a:?}");
