@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::{Cli, Command};
+use super::presets;
+use super::{Cli, Command, QuantizeArgs};
 use crate::arch::{self, Family};
 use crate::data::{
     calibration_windows, eval_windows, read_text, CalibrationSpec, TextKind, Tokenizer, Windows,
@@ -14,7 +15,7 @@ use crate::device::CpuDevice;
 use crate::eval::perplexity;
 use crate::eval::report::{LayerEntry, PerplexityEntry, Report};
 use crate::export::{self, ExportOptions, Staging, RUN_RECORD};
-use crate::manifest::{EvalPoint, EvalSection, ExportFormat, Manifest};
+use crate::manifest::{EvalPoint, EvalSection, ExportFormat, Manifest, ManifestError};
 use crate::model::fakequant::act_quant_to_json;
 use crate::model::Model;
 use crate::plugins::{AlgorithmInstance, Pin, PluginRegistry, SearchPath};
@@ -33,8 +34,14 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             }),
             _,
         ) => eval(model, data, *seqlen, *windows),
-        (Some(Command::Check), Some(m)) => check(m, &cli.plugin_dirs, cli.force).map(|_| ()),
-        (Some(Command::Run) | None, Some(m)) => run(m, &cli.plugin_dirs, cli.force),
+        (Some(Command::Quantize(_)), Some(_)) => bail!(
+            "quantize takes no --manifest: it builds its own from --preset (--print-manifest shows it)"
+        ),
+        (Some(Command::Quantize(args)), None) => quantize(args, &cli.plugin_dirs, cli.force),
+        (Some(Command::Check), Some(m)) => {
+            check(Source::file(m)?, &cli.plugin_dirs, cli.force).map(|_| ())
+        }
+        (Some(Command::Run) | None, Some(m)) => run(Source::file(m)?, &cli.plugin_dirs, cli.force),
         (Some(Command::Check | Command::Run), None) => {
             bail!("--manifest FILE is required (see docs/manifest.md)")
         }
@@ -50,14 +57,24 @@ fn inspect(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn registry(manifest: Option<&Manifest>, dirs: &[PathBuf]) -> Result<PluginRegistry> {
-    let manifest_dir = manifest.and_then(|m| m.path.parent()).map(|d| {
+/// The directory of a manifest file, where its `plugins/` is searched.
+fn manifest_dir(path: &Path) -> Option<&Path> {
+    path.parent().map(|d| {
         if d.as_os_str().is_empty() {
             Path::new(".")
         } else {
             d
         }
-    });
+    })
+}
+
+/// The plugins: `manifest`'s pins, `plugins/` in `manifest_dir`, the flags, `GS_PLUGIN_PATH`
+/// and the built-in directory.
+fn registry(
+    manifest: Option<&Manifest>,
+    manifest_dir: Option<&Path>,
+    dirs: &[PathBuf],
+) -> Result<PluginRegistry> {
     let env = std::env::var_os("GS_PLUGIN_PATH");
     let search = SearchPath::standard(manifest_dir, dirs, env.as_deref(), true);
     let pins = manifest
@@ -81,7 +98,7 @@ fn registry(manifest: Option<&Manifest>, dirs: &[PathBuf]) -> Result<PluginRegis
 
 fn plugins(manifest: Option<&Path>, dirs: &[PathBuf]) -> Result<()> {
     let m = manifest.map(Manifest::load).transpose()?;
-    let reg = registry(m.as_ref(), dirs)?;
+    let reg = registry(m.as_ref(), manifest.and_then(manifest_dir), dirs)?;
     if reg.plugins().is_empty() {
         println!("no plugins found (searched plugins/ beside the manifest, --plugin-dir, GS_PLUGIN_PATH and the built-in directory)");
         return Ok(());
@@ -105,9 +122,38 @@ fn plugins(manifest: Option<&Path>, dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// A manifest to run and where it came from.
+struct Source {
+    manifest: Manifest,
+    /// The text it was parsed from (its sha256 goes into gs-run.json).
+    text: String,
+    /// Where `plugins/` is searched: the manifest file's directory; `None` for a preset.
+    plugin_dir: Option<PathBuf>,
+    /// The `gs-host quantize` command line that expanded a preset into `text`.
+    command: Option<String>,
+}
+
+impl Source {
+    fn file(path: &Path) -> Result<Source> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Source {
+            manifest: Manifest::parse(&text, path)?,
+            text,
+            plugin_dir: manifest_dir(path).map(Path::to_path_buf),
+            command: None,
+        })
+    }
+}
+
 /// Everything a run needs, validated; nothing written yet.
 struct Prepared {
     manifest: Manifest,
+    /// The manifest text and the command that produced it, for the provenance.
+    text: String,
+    command: Option<String>,
     model: Model,
     family: Family,
     stages: Vec<AlgorithmInstance>,
@@ -117,10 +163,15 @@ struct Prepared {
     eval_windows: Option<Windows>,
 }
 
-fn check(path: &Path, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
-    let manifest = Manifest::load(path)?;
+fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
+    let Source {
+        manifest,
+        text,
+        plugin_dir,
+        command,
+    } = source;
     let mpath = manifest.path.display().to_string();
-    let reg = registry(Some(&manifest), dirs)?;
+    let reg = registry(Some(&manifest), plugin_dir.as_deref(), dirs)?;
     let mut stages = Vec::new();
     for stage in &manifest.pipeline {
         let inst = reg
@@ -241,12 +292,132 @@ fn check(path: &Path, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
     );
     Ok(Prepared {
         manifest,
+        text,
+        command,
         model,
         family,
         stages,
         windows,
         eval_windows,
     })
+}
+
+/// `gs-host quantize`: the preset expanded with the options into a manifest text, which is
+/// printed (`--print-manifest`), or parsed and run exactly as `--manifest` runs a file.
+fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool) -> Result<()> {
+    let preset = presets::find(&args.preset)?;
+    let opts = presets::Options {
+        model: args.model.clone(),
+        out: args.out.clone(),
+        format: args.format.format(),
+        calib: args.calib.clone(),
+        nsamples: args.nsamples.map(|n| n as usize),
+        seqlen: args.seqlen.map(|n| n as usize),
+        seed: args.seed,
+        group_size: args.group_size,
+    };
+    let text = preset.expand(&opts)?;
+    if args.print_manifest {
+        print!("{text}");
+        return Ok(());
+    }
+    // Names the manifest in messages (line numbers are those of --print-manifest's output);
+    // never read: its paths are absolute and no plugins are searched beside it.
+    let label = PathBuf::from(format!(
+        "expanded preset {} (--print-manifest)",
+        preset.name
+    ));
+    let manifest = Manifest::parse(&text, &label).with_context(|| {
+        format!(
+            "the expansion of preset {} does not parse (a gs-host defect)",
+            preset.name
+        )
+    })?;
+    // The checks a user is most likely to trip, with messages in terms of the options; the
+    // manifest checks that follow repeat them.
+    let model = Model::open(&manifest.model.path)
+        .with_context(|| format!("cannot open model {}", manifest.model.path.display()))?;
+    Staging::check(&manifest.export.output, &model.dir, force).context("--out")?;
+    check_group_size(preset, args.group_size, &manifest, &model)?;
+    let command = presets::command_line(preset.name, &opts);
+    run(
+        Source {
+            manifest,
+            text,
+            plugin_dir: None,
+            command: Some(command),
+        },
+        dirs,
+        force,
+    )
+}
+
+/// Every quantized layer must hold whole groups; the error names the first that does not and
+/// the group sizes that fit every layer of the model.
+fn check_group_size(
+    preset: &presets::Preset,
+    given: Option<u32>,
+    manifest: &Manifest,
+    model: &Model,
+) -> Result<()> {
+    let family = arch::family_for(
+        &model.config.architectures,
+        &model.config.path.display().to_string(),
+    )?;
+    let mut columns = Vec::new();
+    let mut bad = None;
+    for name in scheduler::all_linears(&family, model) {
+        let Some(w) = manifest.plan.scheme_for(&name).weights else {
+            continue;
+        };
+        let gs_quant::Granularity::Group(g) = w.granularity else {
+            continue;
+        };
+        let shape = model
+            .weights
+            .info(&format!("{name}.weight"))?
+            .shape()
+            .to_vec();
+        let Some(&inp) = shape.get(1) else {
+            continue; // not a matrix: the manifest checks report it
+        };
+        columns.push(inp);
+        if bad.is_none() && (g == 0 || inp % g as usize != 0) {
+            bad = Some((name, inp, g));
+        }
+    }
+    let Some((layer, inp, g)) = bad else {
+        return Ok(());
+    };
+    let fits = group_sizes_fitting(&columns);
+    let which = match given {
+        Some(_) => format!("--group-size {g}"),
+        None => format!("preset {}'s group size {g} (--group-size)", preset.name),
+    };
+    bail!(
+        "{which} does not divide the {inp} input columns of {layer}; every quantized layer needs whole groups. Group sizes that fit every layer of this model: {} (pass one with --group-size); or save the --print-manifest output and give such layers their own scheme in [[quant.override]]",
+        fits.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Group sizes dividing every entry of `columns`: the powers of two dividing their greatest
+/// common divisor, and that divisor itself.
+fn group_sizes_fitting(columns: &[usize]) -> Vec<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let d = columns.iter().copied().fold(0, gcd);
+    let mut out: Vec<usize> = std::iter::successors(Some(1usize), |p| p.checked_mul(2))
+        .take_while(|p| *p <= d && d % p == 0)
+        .collect();
+    if d > 0 && out.last() != Some(&d) {
+        out.push(d);
+    }
+    out
 }
 
 /// Evaluation windows of a text file under the perplexity protocol (see `eval::perplexity`).
@@ -269,15 +440,17 @@ fn evaluation_windows(
     Ok(w)
 }
 
-fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
+fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
     let Prepared {
         manifest,
+        text,
+        command,
         model,
         family,
         mut stages,
         windows,
         eval_windows,
-    } = check(path, dirs, force)?;
+    } = check(source, dirs, force)?;
     let started = std::time::Instant::now();
     let format = manifest.export.format;
     let output = manifest.export.output.clone();
@@ -313,7 +486,14 @@ fn run(path: &Path, dirs: &[PathBuf], force: bool) -> Result<()> {
     };
     let summary = scheduler::run(&spec, &mut stages, &mut export)?;
     let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
-    let provenance = provenance(&manifest, &stages, &summary, windows.as_ref())?;
+    let provenance = provenance(
+        &manifest,
+        &text,
+        command.as_deref(),
+        &stages,
+        &summary,
+        windows.as_ref(),
+    )?;
     export.add_file(RUN_RECORD, provenance.as_bytes())?;
     export.add_file(REPORT_JSON, report.to_json().as_bytes())?;
     export.add_file(REPORT_SVG, report.render_svg()?.as_bytes())?;
@@ -544,14 +724,16 @@ pub(crate) fn scheme_label(s: &gs_quant::Scheme) -> String {
 }
 
 /// The run's provenance, written as `gs-run.json` beside the weights.
+/// `text` is the manifest as parsed; `command`, for a `gs-host quantize` run, the command that
+/// expanded it (the text is then recorded too, as no file holds it).
 fn provenance(
     manifest: &Manifest,
+    text: &str,
+    command: Option<&str>,
     stages: &[AlgorithmInstance],
     summary: &RunSummary,
     calibration: Option<&Windows>,
 ) -> Result<String> {
-    let text = std::fs::read(&manifest.path)
-        .with_context(|| format!("cannot re-read {}", manifest.path.display()))?;
     let layers: Vec<_> = summary
         .layers
         .iter()
@@ -579,7 +761,10 @@ fn provenance(
     };
     let doc = serde_json::json!({
         "gs_host_version": env!("CARGO_PKG_VERSION"),
-        "manifest": {"path": manifest.path.display().to_string(), "sha256": format!("{:x}", Sha256::digest(&text))},
+        "manifest": match command {
+            None => serde_json::json!({"path": manifest.path.display().to_string(), "sha256": format!("{:x}", Sha256::digest(text))}),
+            Some(c) => serde_json::json!({"command": c, "sha256": format!("{:x}", Sha256::digest(text)), "text": text}),
+        },
         "model": manifest.model.path.display().to_string(),
         "format": manifest.export.format.name(),
         "calibration": calibration,
@@ -593,4 +778,22 @@ fn provenance(
         "layers": layers,
     });
     Ok(serde_json::to_string_pretty(&doc)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_sizes_fitting;
+
+    #[test]
+    fn fitting_group_sizes_are_the_power_of_two_divisors_of_the_gcd_and_the_gcd() {
+        // stories260K: 64 and 172 input columns, gcd 4.
+        assert_eq!(group_sizes_fitting(&[64, 172, 64]), [1, 2, 4]);
+        // gcd(576, 1536) = 192 = 64 · 3.
+        assert_eq!(
+            group_sizes_fitting(&[576, 1536]),
+            [1, 2, 4, 8, 16, 32, 64, 192]
+        );
+        assert_eq!(group_sizes_fitting(&[7]), [1, 7]);
+        assert!(group_sizes_fitting(&[]).is_empty());
+    }
 }

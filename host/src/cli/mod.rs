@@ -1,13 +1,17 @@
-//! The `gs-host` command line: `--manifest run.toml` runs, plus `check`, `plugins`, `inspect`,
-//! `eval`.
+//! The `gs-host` command line: `--manifest run.toml` runs, plus `quantize` (a preset expanded
+//! to a manifest), `check`, `plugins`, `inspect`, `eval`.
 //! Errors get their context here (anyhow); the library modules return typed errors.
 
 mod commands;
+pub mod presets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::manifest::ExportFormat;
 
 /// Post-training quantization of large language models through algorithm plugins.
 #[derive(Debug, Parser)]
@@ -39,6 +43,9 @@ pub enum Command {
         /// Directory with config.json and safetensors weights.
         model: PathBuf,
     },
+    /// Quantize a model with a preset: a one-line form of a manifest, which --print-manifest
+    /// shows (save it and run it with --manifest to take full control).
+    Quantize(QuantizeArgs),
     /// Perplexity of a model or of a checkpoint gs-host wrote (compressed-tensors, ascend and
     /// fake checkpoints are decoded, with their activation quantization simulated).
     Eval {
@@ -57,6 +64,77 @@ pub enum Command {
     },
 }
 
+/// `gs-host quantize`. Calibration options default to the manifest's (docs/manifest.md).
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer.json).
+    #[arg(value_name = "MODEL DIR")]
+    pub model: PathBuf,
+    /// What to run; each preset expands to a full manifest (see --print-manifest).
+    #[arg(long, value_name = "NAME", value_parser = preset_values())]
+    pub preset: String,
+    /// Output directory: must not exist or be empty (--force replaces an earlier gs-host output).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Checkpoint format.
+    #[arg(long, value_enum, default_value_t = FormatArg::CompressedTensors)]
+    pub format: FormatArg,
+    /// Calibration data: a text file, a .jsonl file of {"text": ...} records, or pre-tokenized
+    /// windows (.json {"input_ids": [[...], ...]}, or .jsonl with one {"input_ids": [...]} per
+    /// line). Required by calibrated presets; with a data-free one it measures each layer's
+    /// output error.
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Calibration windows [default: 128].
+    #[arg(long, value_name = "N", requires = "calib", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nsamples: Option<u32>,
+    /// Tokens per calibration window [default: 512].
+    #[arg(long, value_name = "L", requires = "calib", value_parser = clap::value_parser!(u32).range(1..))]
+    pub seqlen: Option<u32>,
+    /// Seed for drawing windows from a text [default: 0] (pre-tokenized windows are used in order).
+    #[arg(long, value_name = "S", requires = "calib", value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
+    pub seed: Option<u64>,
+    /// Input columns per weight group (presets with per-group weights only; default 128).
+    #[arg(long, value_name = "G", value_parser = clap::value_parser!(u32).range(1..))]
+    pub group_size: Option<u32>,
+    /// Print the manifest the command would run, and run nothing.
+    #[arg(long)]
+    pub print_manifest: bool,
+}
+
+/// `--format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// vLLM, SGLang, transformers.
+    #[value(name = "compressed-tensors")]
+    CompressedTensors,
+    /// msModelSlim AscendV1 (vLLM-Ascend, MindIE).
+    Ascend,
+    /// Float safetensors holding the quantize-dequantize values.
+    Fake,
+}
+
+impl FormatArg {
+    pub fn format(self) -> ExportFormat {
+        match self {
+            FormatArg::CompressedTensors => ExportFormat::CompressedTensors,
+            FormatArg::Ascend => ExportFormat::Ascend,
+            FormatArg::Fake => ExportFormat::Fake,
+        }
+    }
+}
+
+/// The preset names with their one-line summaries (listed by `--help` and by clap's error for
+/// an unknown name).
+fn preset_values() -> PossibleValuesParser {
+    PossibleValuesParser::new(presets::names().map(|name| {
+        let summary = presets::find(name)
+            .map(|p| p.summary().to_owned())
+            .unwrap_or_default();
+        PossibleValue::new(name).help(summary)
+    }))
+}
+
 /// Entry point of the `gs-host` binary.
 pub fn main() -> ExitCode {
     init_tracing();
@@ -64,10 +142,28 @@ pub fn main() -> ExitCode {
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined with `": "` (anyhow's `{:#}`), except a cause whose text
+/// the message before it already ends with: many library errors quote their I/O source
+/// (`cannot read X: No such file…`) and also expose it as the source.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.ends_with(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 fn init_tracing() {
@@ -78,4 +174,27 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_error;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read x.txt: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_quoted_by_its_error_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(Quoting { source: io }).context("[calibration]");
+        assert_eq!(
+            render_error(&e),
+            "[calibration]: cannot read x.txt: no such file"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_error(&e), "outer: inner");
+    }
 }

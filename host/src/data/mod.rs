@@ -6,9 +6,10 @@
 //! - A plain file (any name but `*.jsonl` / `*.json`) is read as UTF-8 **as is**: no newline
 //!   translation, no Unicode normalisation, a BOM kept. Python equivalent:
 //!   `open(path, "rb").read().decode("utf-8")`.
-//! - A `*.jsonl` file holds one JSON object per line (lines split on `\n`); each record's
-//!   string field `text_field` is taken, blank (whitespace-only) lines are skipped, and the
-//!   records are joined with `"\n\n"`. Python equivalent:
+//! - A `*.jsonl` file of text records (pre-tokenized ones: below) holds one JSON object per
+//!   line (lines split on `\n`); each record's string field `text_field` is taken, blank
+//!   (whitespace-only) lines are skipped, and the records are joined with `"\n\n"`. Python
+//!   equivalent:
 //!   `"\n\n".join(json.loads(l)[field] for l in open(path, encoding="utf-8", newline="\n") if l.strip())`.
 //! - An empty or whitespace-only text is an error.
 //!
@@ -33,10 +34,20 @@
 //! 16 × 64 and seed 0 this reproduces `shared/reference/calib/stories260K-tinystories-16x64.json`
 //! exactly (tested).
 //!
-//! A `*.json` dataset is taken as pre-tokenized windows, `{"input_ids": [[id, ...], ...]}` (the
-//! format of the reference calibration files): every window must have exactly `seqlen` ids,
-//! there must be at least `nsamples`, and the first `nsamples` are used in order; the seed is
-//! not used. When a vocabulary size is given, every id of either kind must be below it.
+//! Pre-tokenized windows, so a run uses exactly the tokens another tool used:
+//! - a `*.json` dataset is `{"input_ids": [[id, ...], ...]}` (the format of the reference
+//!   calibration files);
+//! - a `*.jsonl` dataset whose **first record** is an object with `input_ids` and without the
+//!   text field (`text_field`) holds one window per line, `{"input_ids": [id, ...]}`; other
+//!   fields (e.g. `attention_mask`) are ignored and blank lines skipped. Every record must then
+//!   be such a record: one with the text field, or without `input_ids`, is an error naming its
+//!   line (a file mixes text and ids). A first record with the text field makes a text file,
+//!   where a later ids record is the same error.
+//!
+//! In both, every window must have exactly `seqlen` ids (windows are used as written, never
+//! cut or padded), there must be at least `nsamples`, and the first `nsamples` are used in
+//! order; the seed is not used. When a vocabulary size is given, every id of either kind must
+//! be below it (a `.jsonl` error names the line).
 //!
 //! # Evaluation windows ([`eval_windows`])
 //! Non-overlapping `ids[w*seqlen:(w+1)*seqlen]`, the incomplete tail dropped, the first

@@ -40,15 +40,24 @@ pub(crate) fn has_extension(path: &Path, ext: &str) -> bool {
 /// Reads the text of `path` as `kind` says. Fails on an unreadable file, invalid UTF-8, a bad
 /// `.jsonl` record, or a text that is empty or only whitespace.
 pub fn read_text(path: &Path, kind: &TextKind) -> Result<String, DataError> {
+    text_of(path, read_utf8(path)?, kind)
+}
+
+/// The whole file as UTF-8.
+pub(crate) fn read_utf8(path: &Path) -> Result<String, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         action: "read",
         path: path.to_path_buf(),
         source,
     })?;
-    let content = String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
+    String::from_utf8(bytes).map_err(|e| DataError::Utf8 {
         path: path.to_path_buf(),
         offset: e.utf8_error().valid_up_to(),
-    })?;
+    })
+}
+
+/// The text of a file's `content` (already read from `path`) as `kind` says.
+pub(crate) fn text_of(path: &Path, content: String, kind: &TextKind) -> Result<String, DataError> {
     let text = match kind {
         TextKind::Plain => content,
         TextKind::Jsonl { text_field } => join_jsonl(path, &content, text_field)?,
@@ -68,36 +77,85 @@ pub fn read_text(path: &Path, kind: &TextKind) -> Result<String, DataError> {
     Ok(text)
 }
 
-/// The `text_field` strings of the records of `content`, joined with `"\n\n"`.
-fn join_jsonl(path: &Path, content: &str, text_field: &str) -> Result<String, DataError> {
-    let bad = |line: usize, message: String| DataError::JsonlLine {
+/// The key of a pre-tokenized record or window file.
+pub(crate) const IDS_KEY: &str = "input_ids";
+
+/// The non-blank lines of a `.jsonl` text with their 1-based numbers. Lines are split on `\n`
+/// only (a trailing `\r` is JSON whitespace), so the numbers match editors.
+pub(crate) fn jsonl_lines(content: &str) -> impl Iterator<Item = (usize, &str)> {
+    content
+        .split('\n')
+        .enumerate()
+        .map(|(index, line)| (index + 1, line))
+        .filter(|(_, line)| !line.trim().is_empty())
+}
+
+/// The record on line `line_no` of a `.jsonl` file: a JSON object, or an error naming the line.
+pub(crate) fn jsonl_record(
+    path: &Path,
+    line_no: usize,
+    line: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, DataError> {
+    let record: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+        jsonl_error(
+            path,
+            line_no,
+            format!("not valid JSON (column {}): {e}", e.column()),
+        )
+    })?;
+    match record {
+        serde_json::Value::Object(fields) => Ok(fields),
+        other => Err(jsonl_error(
+            path,
+            line_no,
+            format!("expected a JSON object, found {}", json_type(&other)),
+        )),
+    }
+}
+
+pub(crate) fn jsonl_error(path: &Path, line: usize, message: String) -> DataError {
+    DataError::JsonlLine {
         path: PathBuf::from(path),
         line,
         message,
+    }
+}
+
+/// The sorted field names of a record, for messages.
+pub(crate) fn field_list(fields: &serde_json::Map<String, serde_json::Value>) -> String {
+    let mut keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    if keys.is_empty() {
+        "none".to_owned()
+    } else {
+        keys.join(", ")
+    }
+}
+
+/// Whether a `.jsonl` text holds pre-tokenized windows rather than text records: its first
+/// record is an object with `input_ids` and without `text_field`. Anything else reads as
+/// text (a first line that is not a JSON object is then reported by the text reader).
+pub(crate) fn jsonl_holds_ids(content: &str, text_field: &str) -> bool {
+    let Some((_, first)) = jsonl_lines(content).next() else {
+        return false;
     };
+    matches!(
+        serde_json::from_str::<serde_json::Value>(first),
+        Ok(serde_json::Value::Object(fields))
+            if fields.contains_key(IDS_KEY) && !fields.contains_key(text_field)
+    )
+}
+
+/// The `text_field` strings of the records of `content`, joined with `"\n\n"`.
+fn join_jsonl(path: &Path, content: &str, text_field: &str) -> Result<String, DataError> {
     let mut texts: Vec<String> = Vec::new();
-    // Split on '\n' only (a trailing '\r' is JSON whitespace), so line numbers match editors.
-    for (index, line) in content.split('\n').enumerate() {
-        let line_no = index + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            bad(
-                line_no,
-                format!("not valid JSON (column {}): {e}", e.column()),
-            )
-        })?;
-        let serde_json::Value::Object(mut fields) = record else {
-            return Err(bad(
-                line_no,
-                format!("expected a JSON object, found {}", json_type(&record)),
-            ));
-        };
+    for (line_no, line) in jsonl_lines(content) {
+        let mut fields = jsonl_record(path, line_no, line)?;
         match fields.remove(text_field) {
             Some(serde_json::Value::String(s)) => texts.push(s),
             Some(other) => {
-                return Err(bad(
+                return Err(jsonl_error(
+                    path,
                     line_no,
                     format!(
                         "field \"{text_field}\" is {}, expected a string",
@@ -105,18 +163,25 @@ fn join_jsonl(path: &Path, content: &str, text_field: &str) -> Result<String, Da
                     ),
                 ))
             }
+            // The first record decides what the file holds; a later ids record mixes the two.
+            None if fields.contains_key(IDS_KEY) => {
+                return Err(jsonl_error(
+                    path,
+                    line_no,
+                    format!(
+                        "record holds \"{IDS_KEY}\" but no field \"{text_field}\": the file's \
+                         first record is text, so every record must be; a .jsonl file holds \
+                         either text records or pre-tokenized records, not both"
+                    ),
+                ))
+            }
             None => {
-                let mut keys: Vec<&str> = fields.keys().map(String::as_str).collect();
-                keys.sort_unstable();
-                return Err(bad(
+                return Err(jsonl_error(
+                    path,
                     line_no,
                     format!(
                         "record has no field \"{text_field}\" (its fields: {})",
-                        if keys.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            keys.join(", ")
-                        }
+                        field_list(&fields)
                     ),
                 ));
             }

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::random::PyRandom;
-use super::text::{has_extension, json_type, read_text, TextKind};
+use super::text::{
+    field_list, has_extension, json_type, jsonl_error, jsonl_holds_ids, jsonl_lines, jsonl_record,
+    read_utf8, text_of, TextKind, IDS_KEY,
+};
 use super::{DataError, Tokenizer};
 
 /// `n` windows of `seqlen` token ids each, stored row-major.
@@ -55,10 +58,11 @@ impl Windows {
 /// Where calibration windows come from and how many.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CalibrationSpec {
-    /// A text file (plain UTF-8, or `.jsonl` records), or a `.json` file of pre-tokenized
-    /// windows (`{"input_ids": [[...], ...]}`).
+    /// A text file (plain UTF-8, or `.jsonl` text records), or pre-tokenized windows: a
+    /// `.json` file `{"input_ids": [[...], ...]}` or a `.jsonl` file of `{"input_ids": [...]}`
+    /// records (see the [`crate::data`] documentation for how a `.jsonl` file is told apart).
     pub dataset: PathBuf,
-    /// The string field of each `.jsonl` record (ignored for other files).
+    /// The string field of each `.jsonl` text record (ignored for other files).
     pub text_field: String,
     /// Number of windows.
     pub nsamples: usize,
@@ -87,25 +91,107 @@ pub fn calibration_windows(
         return Err(seqlen_zero());
     }
     let path = &spec.dataset;
-    let windows = if has_extension(path, "json") {
-        read_id_windows(path, spec.nsamples, spec.seqlen)?
+    let (windows, lines) = if has_extension(path, "json") {
+        (read_id_windows(path, spec.nsamples, spec.seqlen)?, None)
     } else {
-        let text = read_text(path, &TextKind::for_path(path, &spec.text_field))?;
-        let ids = tokenizer.encode(&text)?;
-        tracing::info!(
-            "calibration: {} tokens in {}; {} random windows of {} (seed {})",
-            ids.len(),
-            path.display(),
-            spec.nsamples,
-            spec.seqlen,
-            spec.seed
-        );
-        sample_windows(path, &ids, spec.nsamples, spec.seqlen, spec.seed)?
+        let content = read_utf8(path)?;
+        if has_extension(path, "jsonl") && jsonl_holds_ids(&content, &spec.text_field) {
+            let (windows, lines) =
+                jsonl_id_windows(path, &content, &spec.text_field, spec.nsamples, spec.seqlen)?;
+            (windows, Some(lines))
+        } else {
+            let text = text_of(path, content, &TextKind::for_path(path, &spec.text_field))?;
+            let ids = tokenizer.encode(&text)?;
+            tracing::info!(
+                "calibration: {} tokens in {}; {} random windows of {} (seed {})",
+                ids.len(),
+                path.display(),
+                spec.nsamples,
+                spec.seqlen,
+                spec.seed
+            );
+            let windows = sample_windows(path, &ids, spec.nsamples, spec.seqlen, spec.seed)?;
+            (windows, None)
+        }
     };
     if let Some(vocab_size) = spec.vocab_size {
-        check_vocab(path, &windows, vocab_size)?;
+        check_vocab(path, &windows, lines.as_deref(), vocab_size)?;
     }
     Ok(windows)
+}
+
+/// The first `nsamples` windows of a `.jsonl` file of pre-tokenized records, one
+/// `{"input_ids": [id, ...]}` per line, and the 1-based line of each window. Every record
+/// must hold `input_ids` of exactly `seqlen` token ids (windows are used as written, never cut
+/// or padded) and no `text_field`; other fields are ignored. Every record is checked, not just
+/// the ones used.
+fn jsonl_id_windows(
+    path: &Path,
+    content: &str,
+    text_field: &str,
+    nsamples: usize,
+    seqlen: usize,
+) -> Result<(Windows, Vec<usize>), DataError> {
+    let mut ids = Vec::with_capacity(nsamples * seqlen);
+    let mut lines = Vec::with_capacity(nsamples);
+    let mut records = 0usize;
+    for (line_no, line) in jsonl_lines(content) {
+        let bad = |message: String| jsonl_error(path, line_no, message);
+        let fields = jsonl_record(path, line_no, line)?;
+        if fields.contains_key(text_field) {
+            return Err(bad(format!(
+                "record holds a text field \"{text_field}\": the file's first record is \
+                 pre-tokenized ({IDS_KEY}), so every record must be; a .jsonl file holds either \
+                 text records or pre-tokenized records, not both"
+            )));
+        }
+        let Some(row) = fields.get(IDS_KEY) else {
+            return Err(bad(format!(
+                "record has no field \"{IDS_KEY}\" (its fields: {}); the file's first record is \
+                 pre-tokenized, so every record must hold {IDS_KEY}",
+                field_list(&fields)
+            )));
+        };
+        let Some(row) = row.as_array() else {
+            return Err(bad(format!(
+                "\"{IDS_KEY}\" is {}, expected a list of token ids",
+                json_type(row)
+            )));
+        };
+        if row.len() != seqlen {
+            return Err(bad(format!(
+                "\"{IDS_KEY}\" has {} ids, expected seqlen = {seqlen} (pre-tokenized windows \
+                 are used as written, never cut or padded)",
+                row.len()
+            )));
+        }
+        let used = records < nsamples;
+        for (p, v) in row.iter().enumerate() {
+            let id = v
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{IDS_KEY}[{p}] is {v}, expected a token id (an integer in 0..2^32)"
+                    ))
+                })?;
+            if used {
+                ids.push(id);
+            }
+        }
+        if used {
+            lines.push(line_no);
+        }
+        records += 1;
+    }
+    if records < nsamples {
+        return Err(DataError::IdsTooFew {
+            path: path.to_path_buf(),
+            found: records,
+            needed: nsamples,
+        });
+    }
+    Ok((Windows { seqlen, ids }, lines))
 }
 
 /// GPTQ-style sampling: `random.seed(seed)`; for each sample
@@ -223,17 +309,27 @@ fn seqlen_zero() -> DataError {
     }
 }
 
-/// Every id of `windows` must be below `vocab_size`.
-fn check_vocab(path: &Path, windows: &Windows, vocab_size: usize) -> Result<(), DataError> {
+/// Every id of `windows` must be below `vocab_size`. `lines` are the 1-based lines the
+/// windows were read from (a `.jsonl` ids file), to name a bad id's place.
+fn check_vocab(
+    path: &Path,
+    windows: &Windows,
+    lines: Option<&[usize]>,
+    vocab_size: usize,
+) -> Result<(), DataError> {
     for (w, window) in windows.iter().enumerate() {
         if let Some((p, &id)) = window
             .iter()
             .enumerate()
             .find(|(_, &id)| id as usize >= vocab_size)
         {
+            let location = match lines.and_then(|l| l.get(w)) {
+                Some(line) => format!("line {line}: {IDS_KEY}[{p}]"),
+                None => format!("token {p} of calibration window {w} (0-based)"),
+            };
             return Err(DataError::IdOutOfVocab {
                 path: path.to_path_buf(),
-                location: format!("token {p} of calibration window {w} (0-based)"),
+                location,
                 id,
                 vocab_size,
             });
@@ -262,6 +358,7 @@ pub fn eval_windows(ids: &[u32], seqlen: usize, max_windows: Option<usize>) -> W
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::read_text;
     use crate::data::testutil::{shared, STORIES};
 
     const TINYSTORIES: &str = "data/tinystories/tinystories-sample.txt";
@@ -460,6 +557,216 @@ mod tests {
         );
         s.vocab_size = Some(513);
         assert!(calibration_windows(&s, &stories_tokenizer()).is_ok());
+    }
+
+    /// One `{"input_ids": [...]}` line per window.
+    fn jsonl_of(rows: &[&[i64]]) -> Vec<u8> {
+        rows.iter()
+            .map(|r| format!("{{\"input_ids\": {r:?}}}\n"))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    /// The reference windows written as JSON Lines read back as the same windows as the
+    /// `.json` file itself (the rule in the module docs: same checks, first nsamples in order).
+    #[test]
+    fn jsonl_ids_file_gives_the_same_windows_as_the_json_file() {
+        let reference = shared("reference/calib/stories260K-tinystories-16x64.json");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&reference).unwrap()).unwrap();
+        let mut text = String::new();
+        for row in json["input_ids"].as_array().unwrap() {
+            text.push_str(&serde_json::json!({ "input_ids": row }).to_string());
+            text.push('\n');
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "ids.jsonl", text.as_bytes());
+        let tok = stories_tokenizer();
+        for n in [16, 5] {
+            let mut s = spec(path.clone(), n, 64);
+            s.vocab_size = Some(512);
+            let got = calibration_windows(&s, &tok).unwrap();
+            assert_eq!(
+                got,
+                read_id_windows(&reference, n, 64).unwrap(),
+                "nsamples {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn jsonl_ids_skip_blank_lines_ignore_other_fields_and_use_the_first_nsamples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "ids.jsonl",
+            b"{\"input_ids\": [1, 2, 3], \"attention_mask\": [1, 1, 1]}\n\n  \r\n{\"input_ids\": [4, 5, 6]}\r\n{\"input_ids\": [7, 8, 9]}",
+        );
+        let w = calibration_windows(&spec(path, 2, 3), &stories_tokenizer()).unwrap();
+        assert_eq!(w.ids(), &[1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn jsonl_ids_errors_name_the_file_and_the_1_based_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = "{\"input_ids\": [1, 2]}\n";
+        let cases: [(String, usize, usize, &str); 9] = [
+            (
+                format!("{ok}{{\"input_ids\": [3]}}\n"),
+                1,
+                2,
+                "\"input_ids\" has 1 ids, expected seqlen = 2",
+            ),
+            (
+                format!("{ok}\n{{\"input_ids\": [3, 4, 5]}}\n"),
+                1,
+                3,
+                "has 3 ids, expected seqlen = 2",
+            ),
+            (
+                format!("{ok}{{\"input_ids\": [3, 4]\n"),
+                1,
+                2,
+                "not valid JSON",
+            ),
+            (
+                format!("{ok}{{\"input_ids\": [3, -4]}}\n"),
+                1,
+                2,
+                "input_ids[1] is -4, expected a token id",
+            ),
+            (
+                format!("{ok}{{\"input_ids\": [3, 4.5]}}\n"),
+                1,
+                2,
+                "input_ids[1] is 4.5",
+            ),
+            (
+                format!("{ok}{{\"input_ids\": \"3 4\"}}\n"),
+                1,
+                2,
+                "\"input_ids\" is a string, expected a list",
+            ),
+            (
+                format!("{ok}{{\"text\": \"Once\"}}\n"),
+                1,
+                2,
+                "holds a text field \"text\"",
+            ),
+            (
+                format!("{ok}{{\"ids\": [1, 2]}}\n"),
+                1,
+                2,
+                "no field \"input_ids\" (its fields: ids)",
+            ),
+            (
+                format!("{ok}[1, 2]\n"),
+                1,
+                2,
+                "expected a JSON object, found an array",
+            ),
+        ];
+        for (text, nsamples, line, needle) in cases {
+            let path = write(&dir, "ids.jsonl", text.as_bytes());
+            let err =
+                calibration_windows(&spec(path, nsamples, 2), &stories_tokenizer()).unwrap_err();
+            assert!(
+                matches!(&err, DataError::JsonlLine { line: l, .. } if *l == line),
+                "{needle}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("ids.jsonl, line {line}: ")) && msg.contains(needle),
+                "{needle:?} in {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn jsonl_ids_with_too_few_records_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "ids.jsonl", &jsonl_of(&[&[1, 2], &[3, 4]]));
+        let err = calibration_windows(&spec(path, 3, 2), &stories_tokenizer()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::IdsTooFew {
+                    found: 2,
+                    needed: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("ids.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_ids_at_or_above_the_vocab_size_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        // Line 3 (after a blank line 2) holds the second window; 512 is its token 1.
+        let path = write(
+            &dir,
+            "ids.jsonl",
+            b"{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [3, 512]}\n",
+        );
+        let mut s = spec(path, 2, 2);
+        s.vocab_size = Some(512);
+        let err = calibration_windows(&s, &stories_tokenizer()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::IdOutOfVocab {
+                    id: 512,
+                    vocab_size: 512,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("ids.jsonl: line 3: input_ids[1] is 512"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_first_jsonl_record_decides_between_text_and_ids() {
+        let tok = stories_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        // A record with both fields is text: the text field is what a text dataset names.
+        let both = write(
+            &dir,
+            "both.jsonl",
+            b"{\"text\": \"Once upon a time there was a cat.\", \"input_ids\": [1]}\n",
+        );
+        let plain = write(&dir, "plain.txt", b"Once upon a time there was a cat.");
+        assert_eq!(
+            calibration_windows(&spec(both, 2, 4), &tok).unwrap(),
+            calibration_windows(&spec(plain, 2, 4), &tok).unwrap()
+        );
+        // With text_field = "body", a record holding input_ids and "text" is pre-tokenized.
+        let ids = write(
+            &dir,
+            "ids.jsonl",
+            b"{\"input_ids\": [5, 6], \"text\": \"x\"}\n",
+        );
+        let mut s = spec(ids, 1, 2);
+        s.text_field = "body".to_owned();
+        assert_eq!(calibration_windows(&s, &tok).unwrap().ids(), &[5, 6]);
+        // A text file with an ids record later is mixed: refused naming the line.
+        let mixed = write(
+            &dir,
+            "mixed.jsonl",
+            b"{\"text\": \"Once upon a time.\"}\n{\"input_ids\": [1, 2]}\n",
+        );
+        let err = calibration_windows(&spec(mixed, 1, 2), &tok).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("mixed.jsonl, line 2: ") && msg.contains("not both"),
+            "{msg}"
+        );
     }
 
     /// 100,708 ids / 256 → 393 windows: shared/reference/README.md, "Perplexity protocol".

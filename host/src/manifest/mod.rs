@@ -267,7 +267,7 @@ struct Cx<'a> {
 
 /// Removes `.` and folds `dir/..` lexically, so `examples/../out` reads as `out` in messages
 /// (as cargo does for manifest paths). A leading `..` that cannot fold is kept.
-fn normalize(path: &Path) -> PathBuf {
+pub(crate) fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in path.components() {
