@@ -62,6 +62,8 @@ pub fn debug_dir() -> &'static Path {
             "gs-plugin-template",
             "-p",
             "gs-plugin-gptq",
+            "-p",
+            "gs-plugin-awq",
         ]);
         target_dir().join("debug")
     })
@@ -80,6 +82,11 @@ pub fn rtn_plugin() -> PathBuf {
 /// The GPTQ plugin as cargo built it.
 pub fn gptq_plugin() -> PathBuf {
     lib_file(debug_dir(), "gs_gptq")
+}
+
+/// The AWQ plugin as cargo built it.
+pub fn awq_plugin() -> PathBuf {
+    lib_file(debug_dir(), "gs_awq")
 }
 
 /// The template plugin as cargo built it.
