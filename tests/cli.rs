@@ -221,6 +221,18 @@ fn a_wrong_shape_result_is_refused() {
 }
 
 #[test]
+fn qparams_for_a_norm_prev_op_are_refused() {
+    // Only a linear prev_op that an earlier subset quantized has qparams (plugin-api 1.2).
+    let e = run_failing("test_norm_qparams");
+    assert!(
+        e.contains("test_norm_qparams")
+            && e.contains("model.layers.0.input_layernorm")
+            && e.contains("only a linear layer whose scheme quantizes weights"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_algorithm_needing_statistics_without_calibration_is_refused_before_any_work() {
     let e = run_failing("test_needs_hessian");
     assert!(

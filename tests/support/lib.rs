@@ -64,6 +64,7 @@ pub fn debug_dir() -> &'static Path {
             "gs-plugin-gptq",
             "-p",
             "gs-plugin-smoothquant",
+            "gs-plugin-awq",
         ]);
         target_dir().join("debug")
     })
@@ -87,6 +88,11 @@ pub fn gptq_plugin() -> PathBuf {
 /// The SmoothQuant plugin as cargo built it.
 pub fn smoothquant_plugin() -> PathBuf {
     lib_file(debug_dir(), "gs_smoothquant")
+}
+
+/// The AWQ plugin as cargo built it.
+pub fn awq_plugin() -> PathBuf {
+    lib_file(debug_dir(), "gs_awq")
 }
 
 /// The template plugin as cargo built it.

@@ -44,6 +44,10 @@ pub struct PrevOpState {
     pub rows: usize,
     pub cols: usize,
     pub changed: bool,
+    /// A linear prev_op's resolved scheme (`Scheme::default()`, no quantization, for a norm).
+    pub scheme: Scheme,
+    /// New qparams set by a plugin that folded factors into an already quantized prev_op.
+    pub qparams: Option<QParams>,
 }
 
 /// Runs the inspected module of a subset on its calibration input (AWQ-style searches).
@@ -146,6 +150,7 @@ fn services() -> HostServicesRef {
             module_forward,
             set_qparams,
             report_metric,
+            set_prev_op_qparams,
         }
         .leak_into_prefix()
     })
@@ -418,6 +423,52 @@ extern "C" fn module_forward(
     })
 }
 
+/// The host's copy of plugin-provided qparams for a `[rows, cols]` layer, checked: a known
+/// granularity, the right number of finite positive scales, zero points absent or one per scale.
+fn qparams_from_abi(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    q: &AbiQParams<'_>,
+) -> Result<QParams, AbiError> {
+    let granularity = match q.granularity {
+        0 => Granularity::Tensor,
+        1 => Granularity::Channel,
+        2 if q.group_size > 0 => Granularity::Group(q.group_size),
+        g => {
+            return Err(AbiError::rejected(format!(
+                "qparams of {name}: granularity code {g} with group size {} is invalid",
+                q.group_size
+            )))
+        }
+    };
+    let n = match granularity {
+        Granularity::Tensor => 1,
+        Granularity::Channel => rows,
+        Granularity::Group(g) => rows * cols.div_ceil(g as usize),
+    };
+    let scales = check_values(&format!("scales of {name}"), q.scales.as_slice(), n)?;
+    if let Some(k) = scales.iter().position(|s| *s <= 0.0) {
+        return Err(AbiError::rejected(format!(
+            "scales of {name}: scale {k} is {} (scales must be positive)",
+            scales[k]
+        )));
+    }
+    if !q.zeros.is_empty() && q.zeros.len() != n {
+        return Err(AbiError::rejected(format!(
+            "zero points of {name}: expected {n} values (or none), got {}",
+            q.zeros.len()
+        )));
+    }
+    Ok(QParams {
+        granularity,
+        rows,
+        cols,
+        scales,
+        zeros: q.zeros.to_vec(),
+    })
+}
+
 extern "C" fn set_qparams(ctx: *const c_void, i: u32, q: AbiQParams<'_>) -> RResult<(), AbiError> {
     serve(ctx, |c| {
         let i = layer_index(c, i)?;
@@ -426,42 +477,28 @@ extern "C" fn set_qparams(ctx: *const c_void, i: u32, q: AbiQParams<'_>) -> RRes
             let l = &run.layers[i];
             (l.name.clone(), l.out_features, l.in_features)
         };
-        let granularity = match q.granularity {
-            0 => Granularity::Tensor,
-            1 => Granularity::Channel,
-            2 if q.group_size > 0 => Granularity::Group(q.group_size),
-            g => {
+        let qp = qparams_from_abi(&name, rows, cols, &q)?;
+        c.run.borrow_mut().layers[i].qparams = Some(qp);
+        Ok(())
+    })
+}
+
+extern "C" fn set_prev_op_qparams(ctx: *const c_void, q: AbiQParams<'_>) -> RResult<(), AbiError> {
+    serve(ctx, |c| {
+        let (name, rows, cols) = match &c.run.borrow().prev_op {
+            None => return Err(no_prev_op(c)),
+            Some(p) if p.kind != PrevOpKind::LINEAR || p.scheme.weights.is_none() => {
                 return Err(AbiError::rejected(format!(
-                    "qparams of {name}: granularity code {g} with group size {} is invalid",
-                    q.group_size
+                    "qparams of prev_op {}: only a linear layer whose scheme quantizes weights has qparams",
+                    p.name
                 )))
             }
+            Some(p) => (p.name.clone(), p.rows, p.cols),
         };
-        let n = match granularity {
-            Granularity::Tensor => 1,
-            Granularity::Channel => rows,
-            Granularity::Group(g) => rows * cols.div_ceil(g as usize),
-        };
-        let scales = check_values(&format!("scales of {name}"), q.scales.as_slice(), n)?;
-        if let Some(k) = scales.iter().position(|s| *s <= 0.0) {
-            return Err(AbiError::rejected(format!(
-                "scales of {name}: scale {k} is {} (scales must be positive)",
-                scales[k]
-            )));
+        let qp = qparams_from_abi(&name, rows, cols, &q)?;
+        if let Some(p) = c.run.borrow_mut().prev_op.as_mut() {
+            p.qparams = Some(qp);
         }
-        if !q.zeros.is_empty() && q.zeros.len() != n {
-            return Err(AbiError::rejected(format!(
-                "zero points of {name}: expected {n} values (or none), got {}",
-                q.zeros.len()
-            )));
-        }
-        c.run.borrow_mut().layers[i].qparams = Some(QParams {
-            granularity,
-            rows,
-            cols,
-            scales,
-            zeros: q.zeros.to_vec(),
-        });
         Ok(())
     })
 }

@@ -1106,6 +1106,11 @@ fn subset_run<'a>(
                 rows,
                 cols,
                 changed: false,
+                scheme: match kind {
+                    PrevOpKind::Linear => plan.scheme_for(name),
+                    _ => Scheme::default(),
+                },
+                qparams: None,
             })
         }
     };
@@ -1159,8 +1164,26 @@ fn write_back(
             put(tensors, format!("{}.bias", l.name), b);
         }
     }
-    if let Some(p) = prev_op.filter(|p| p.changed) {
-        put(tensors, format!("{}.weight", p.name), p.weight);
+    if let Some(p) = prev_op {
+        if let Some(qp) = p.qparams {
+            // A fold moved the grid of a layer an earlier subset quantized.
+            reports
+                .entry(p.name.clone())
+                .or_insert_with(|| LayerReport {
+                    name: p.name.clone(),
+                    block,
+                    role: role_in_block(family, block, &p.name),
+                    scheme: p.scheme,
+                    qparams: None,
+                    metrics: Vec::new(),
+                    input: None,
+                    rel_output_error: None,
+                })
+                .qparams = Some(qp);
+        }
+        if p.changed {
+            put(tensors, format!("{}.weight", p.name), p.weight);
+        }
     }
     changed
 }

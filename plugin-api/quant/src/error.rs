@@ -61,6 +61,11 @@ pub enum QuantError {
     #[error("scale {value} at index {index} is not a positive finite number")]
     InvalidScale { index: usize, value: f32 },
 
+    /// A multiplier of [`QParams::scale_rows`](crate::QParams::scale_rows) is zero, negative, NaN
+    /// or infinite (`index` = its row).
+    #[error("row factor {value} at index {index} is not a positive finite number")]
+    InvalidFactor { index: usize, value: f32 },
+
     /// A zero point lies outside the integer range (`index` into `QParams::zeros`).
     #[error("zero point {value} at index {index} is outside [{qmin}, {qmax}]")]
     ZeroPointOutOfRange {

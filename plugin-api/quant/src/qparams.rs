@@ -280,6 +280,52 @@ impl QParams {
         Ok(())
     }
 
+    /// Multiplies every scale of row `r` by `factors[r]` (`factors: [rows]`), zero points kept.
+    ///
+    /// Scaling row `r` of a quantized matrix by `c` keeps it exactly on a grid: `c·(q − zp)·s =
+    /// (q − zp)·(c·s)`. An algorithm that folds a per-channel factor into the output rows of an
+    /// already quantized layer (AWQ's `v_proj → o_proj`, `up_proj → down_proj`) moves the grid
+    /// with it here. Only channel and group qparams have per-row scales; tensor qparams are an
+    /// error ([`QuantError::GranularityMismatch`] naming `Channel`). Every factor must be
+    /// positive and finite, and so must every product; on error nothing is changed.
+    pub fn scale_rows(&mut self, factors: &[f32]) -> Result<(), QuantError> {
+        if self.granularity == Granularity::Tensor {
+            return Err(QuantError::GranularityMismatch {
+                args: Granularity::Channel,
+                qparams: Granularity::Tensor,
+            });
+        }
+        self.validate()?;
+        if factors.len() != self.rows {
+            return Err(QuantError::LengthMismatch {
+                what: "row factors",
+                expected: self.rows,
+                actual: factors.len(),
+            });
+        }
+        if let Some(index) = factors.iter().position(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(QuantError::InvalidFactor {
+                index,
+                value: factors[index],
+            });
+        }
+        let per_row = self.n_groups_per_row();
+        let scaled: Vec<f32> = self
+            .scales
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s * factors[i / per_row])
+            .collect();
+        if let Some(index) = scaled.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(QuantError::InvalidScale {
+                index,
+                value: scaled[index],
+            });
+        }
+        self.scales = scaled;
+        Ok(())
+    }
+
     /// The matrix must be exactly `[rows, cols]`.
     pub(crate) fn check_shape(&self, rows: usize, cols: usize) -> Result<(), QuantError> {
         if (rows, cols) != (self.rows, self.cols) {
@@ -903,6 +949,84 @@ mod tests {
                 what: "zero points",
                 expected: 0,
                 actual: 2
+            })
+        );
+    }
+
+    #[test]
+    fn scale_rows_moves_each_rows_grid_with_it() {
+        // [2, 5] int4 asymmetric, group 2 → 3 groups per row; row 0 × 0.5, row 1 × 4.
+        let w = [
+            1.5, -0.75, 3.0, 0.0, -7.5, //
+            0.0, 0.25, 0.15, -0.3, 15.0,
+        ];
+        let a = args(4, false, Granularity::Group(2), ScaleRule::HalfRange);
+        let qp = compute_qparams(&w, 2, 5, &a).unwrap();
+        let mut scaled = qp.clone();
+        scaled.scale_rows(&[0.5, 4.0]).unwrap();
+        let expected: Vec<f32> = qp
+            .scales
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s * if i < 3 { 0.5 } else { 4.0 })
+            .collect();
+        assert_eq!(scaled.scales, expected);
+        assert_eq!(scaled.zeros, qp.zeros);
+        // The codes of w are the codes of the row-scaled w under the scaled qparams:
+        // (c·w)/(c·s) = w/s, exact here since 0.5 and 4 are powers of two.
+        let codes = crate::quantize_int(&w, 2, 5, &qp, &a).unwrap();
+        let w_scaled: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * if i < 5 { 0.5 } else { 4.0 })
+            .collect();
+        assert_eq!(
+            crate::quantize_int(&w_scaled, 2, 5, &scaled, &a).unwrap(),
+            codes
+        );
+        // Channel qparams: one scale per row.
+        let mut c = QParams::new(Granularity::Channel, 2, 3, vec![1.0, 2.0], vec![]).unwrap();
+        c.scale_rows(&[3.0, 0.25]).unwrap();
+        assert_eq!(c.scales, vec![3.0, 0.5]);
+    }
+
+    #[test]
+    fn scale_rows_refuses_bad_factors_and_tensor_qparams() {
+        let mut qp = QParams::new(Granularity::Group(2), 2, 4, vec![1.0; 4], vec![]).unwrap();
+        let before = qp.clone();
+        assert_eq!(
+            qp.scale_rows(&[1.0]),
+            Err(QuantError::LengthMismatch {
+                what: "row factors",
+                expected: 2,
+                actual: 1
+            })
+        );
+        assert_eq!(
+            qp.scale_rows(&[1.0, 0.0]),
+            Err(QuantError::InvalidFactor {
+                index: 1,
+                value: 0.0
+            })
+        );
+        assert!(matches!(
+            qp.scale_rows(&[f32::NAN, 1.0]),
+            Err(QuantError::InvalidFactor { index: 0, .. })
+        ));
+        // A product that overflows f32 is refused and nothing is changed.
+        let mut big = QParams::new(Granularity::Group(2), 2, 4, vec![f32::MAX; 4], vec![]).unwrap();
+        assert!(matches!(
+            big.scale_rows(&[1.0, 2.0]),
+            Err(QuantError::InvalidScale { index: 2, .. })
+        ));
+        assert_eq!(big.scales, vec![f32::MAX; 4]);
+        assert_eq!(qp, before);
+        let mut t = QParams::new(Granularity::Tensor, 2, 4, vec![1.0], vec![]).unwrap();
+        assert_eq!(
+            t.scale_rows(&[1.0, 1.0]),
+            Err(QuantError::GranularityMismatch {
+                args: Granularity::Channel,
+                qparams: Granularity::Tensor
             })
         );
     }

@@ -78,4 +78,13 @@ pub struct HostServices {
     // ---- v1.1 ----
     /// Adds a named per-layer metric (e.g. quantization loss) to the log and the run report.
     pub report_metric: extern "C" fn(ctx: *const c_void, i: u32, key: RStr<'_>, value: f64),
+
+    // ---- v1.2 ----
+    /// Records new quantization parameters for the prev_op, when it is a linear layer whose
+    /// scheme quantizes weights (an earlier subset quantized it). Folding per-channel factors
+    /// into its output rows moves its grid (`gs_quant::QParams::scale_rows`); the plugin sets
+    /// the moved qparams here and the rescaled weight with `set_prev_op_weight`. Checked like
+    /// `set_qparams`; the weight must be on the new grid when the block is finalized.
+    pub set_prev_op_qparams:
+        extern "C" fn(ctx: *const c_void, qparams: AbiQParams<'_>) -> RResult<(), PluginError>,
 }

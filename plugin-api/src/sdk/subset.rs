@@ -167,18 +167,26 @@ impl Subset<'_> {
 
     /// Records the quantization parameters chosen for layer `i`.
     pub fn set_qparams(&mut self, i: usize, q: &QParams) -> Result<(), PluginError> {
-        let (granularity, group_size) = match q.granularity {
-            gs_quant::Granularity::Tensor => (0, 0),
-            gs_quant::Granularity::Channel => (1, 0),
-            gs_quant::Granularity::Group(g) => (2, g),
-        };
-        let abi = AbiQParams {
-            granularity,
-            group_size,
-            scales: RSlice::from_slice(&q.scales),
-            zeros: RSlice::from_slice(&q.zeros),
-        };
-        (self.services.set_qparams())(self.ctx, idx(i)?, abi).into_result()
+        (self.services.set_qparams())(self.ctx, idx(i)?, abi_qparams(q)).into_result()
+    }
+
+    /// Whether this host can record new qparams for the prev_op
+    /// ([`Subset::set_prev_op_qparams`]); `false` on a host older than plugin-api 1.2.
+    pub fn can_set_prev_op_qparams(&self) -> bool {
+        self.services.set_prev_op_qparams().is_some()
+    }
+
+    /// Records new qparams for a linear prev_op that an earlier subset already quantized, after
+    /// folding per-channel factors into its output rows (see `QParams::scale_rows`); set the
+    /// rescaled weight with [`Subset::set_prev_op_weight`] too. `NOT_AVAILABLE` on a host older
+    /// than plugin-api 1.2.
+    pub fn set_prev_op_qparams(&mut self, q: &QParams) -> Result<(), PluginError> {
+        match self.services.set_prev_op_qparams() {
+            Some(f) => f(self.ctx, abi_qparams(q)).into_result(),
+            None => Err(PluginError::not_available(
+                "this gs-host (plugin-api older than 1.2) cannot record qparams of a prev_op",
+            )),
+        }
     }
 
     /// Adds a per-layer metric to the host's log and run report. Returns `false` (and does
@@ -205,6 +213,21 @@ impl Subset<'_> {
     }
     pub fn debug(&self, message: &str) {
         self.log(LogLevel::DEBUG, message)
+    }
+}
+
+/// The ABI view of `q` (borrows its scales and zero points).
+fn abi_qparams(q: &QParams) -> AbiQParams<'_> {
+    let (granularity, group_size) = match q.granularity {
+        gs_quant::Granularity::Tensor => (0, 0),
+        gs_quant::Granularity::Channel => (1, 0),
+        gs_quant::Granularity::Group(g) => (2, g),
+    };
+    AbiQParams {
+        granularity,
+        group_size,
+        scales: RSlice::from_slice(&q.scales),
+        zeros: RSlice::from_slice(&q.zeros),
     }
 }
 

@@ -121,6 +121,33 @@ impl Algorithm for DoubleNorm {
     }
 }
 
+/// Sets qparams for a norm prev_op (the host must refuse: only a quantized linear has them) and
+/// ignores the refusal.
+pub struct NormQParams;
+impl Algorithm for NormQParams {
+    const NAME: &'static str = "test_norm_qparams";
+    const SUMMARY: &'static str = "sets qparams for a norm prev_op and ignores the refusal";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(NormQParams)
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        if subset.prev_op() != gs_plugin_api::PrevOpKind::NORM {
+            return Ok(());
+        }
+        let n = subset.prev_op_weight()?.len();
+        let qp = gs_plugin_api::quant::QParams::new(
+            gs_plugin_api::quant::Granularity::Channel,
+            n,
+            1,
+            vec![1.0; n],
+            vec![],
+        )
+        .map_err(|e| PluginError::other(e.to_string()))?;
+        let _ignored = subset.set_prev_op_qparams(&qp);
+        Ok(())
+    }
+}
+
 /// Calls the module-forward service and reports `Σ y²` of the inspected module's output: as
 /// is (`out_sq`, and again as `out_sq_again`), and with the subset's first layer zeroed
 /// (`out_sq_zero_first`).
@@ -157,6 +184,7 @@ export_plugin! {
         NeedsStats,
         StatsProbe,
         DoubleNorm,
+        NormQParams,
         ModuleProbe,
     ],
 }
