@@ -64,6 +64,7 @@ pub fn debug_dir() -> &'static Path {
             "gs-plugin-gptq",
             "-p",
             "gs-plugin-smoothquant",
+            "-p",
             "gs-plugin-awq",
         ]);
         target_dir().join("debug")
