@@ -4,7 +4,8 @@
 //! Run with `cargo bench -p gs-benches --bench awq`.
 //! - `scale_search_gate_up`: the 20-point α grid over gate/up, each candidate scored by the MLP
 //!   forward of gs-host (`mlp_forward` through `CpuDevice`), i.e. what the module-forward service
-//!   runs for this subset, plus the quantization of the candidates.
+//!   runs for this subset, plus the quantization of the candidates; `scale_candidates_gate_up`
+//!   is the same search with a free loss (the plugin's own share).
 //! - `clip_search_*`: the per-group clipping search of one layer with its Hessian (10 shrink
 //!   factors; 100 pairs for the asymmetric scheme).
 
@@ -132,6 +133,34 @@ fn scale_search_gate_up(bencher: Bencher) {
                 &mlp_forward(&dev, &c, &x).expect("forward"),
                 &y_ref,
             ))
+        })
+        .expect("search");
+        black_box(r.alpha)
+    });
+}
+
+/// The same search with a free loss: what the plugin adds to the 20 forwards (scaling and
+/// fake-quantizing both layers per α).
+#[divan::bench(sample_count = 5)]
+fn scale_candidates_gate_up(bencher: Bencher) {
+    let w = mlp();
+    let x_mean = mean_abs(&activations(TOKENS, HIDDEN), HIDDEN);
+    let alphas: Vec<f32> = (0..20).map(|i| i as f32 / 19.0).collect();
+    bencher.bench_local(|| {
+        let layers = [
+            SubsetLayer {
+                weight: &w.gate.weight,
+                rows: FFN,
+                args: Some(W4_G64),
+            },
+            SubsetLayer {
+                weight: &w.up.weight,
+                rows: FFN,
+                args: Some(W4_G64),
+            },
+        ];
+        let r = search_scales::<SearchError>(&layers, HIDDEN, &x_mean, None, &alphas, &mut |ov| {
+            Ok(f64::from(black_box(ov[0].1[0])).abs())
         })
         .expect("search");
         black_box(r.alpha)

@@ -175,6 +175,9 @@ pub fn scale_columns(w: &[f32], cols: usize, s: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Candidate weights handed to the loss: `(layer index within the subset, weight)`.
+pub type Overrides<'a> = [(usize, &'a [f32])];
+
 /// The result of [`search_scales`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleSearch {
@@ -204,7 +207,7 @@ pub fn search_scales<E: From<SearchError>>(
     x_mean: &[f32],
     w_mean: Option<&[f32]>,
     alphas: &[f32],
-    loss: &mut dyn FnMut(&[(usize, &[f32])]) -> Result<f64, E>,
+    loss: &mut dyn FnMut(&Overrides<'_>) -> Result<f64, E>,
 ) -> Result<ScaleSearch, E> {
     let shape = |what, expected, actual| {
         if expected == actual {
