@@ -613,7 +613,10 @@ mod tests {
         );
         assert_eq!(
             stages(&expand("w8a8-static-smoothquant", ct)),
-            ["smoothquant alpha = 0.8", "rtn "]
+            [
+                "smoothquant alpha = 0.8\nsubsets = [\"qkv\", \"gate_up\", \"down\"]",
+                "rtn "
+            ]
         );
         assert_eq!(stages(&expand("w8a16-rtn", ct)), ["rtn "]);
 
