@@ -621,6 +621,7 @@ fn finalize_block(
             });
         };
         let wanted: Vec<Tap> = statics.iter().map(|&i| staged[i].0.input_tap()).collect();
+        let last = wanted.iter().copied().max_by_key(|t| t.rank());
         let mut scratch = h.to_vec();
         forward_block(
             model,
@@ -629,6 +630,7 @@ fn finalize_block(
             tensors,
             c,
             &mut scratch,
+            last,
             &mut |t, x| {
                 if wanted.contains(&t) {
                     let r = ranges
@@ -788,30 +790,10 @@ fn propagate(
 /// Default calibration tokens per forward call (see [`Calibration::chunk_tokens`]).
 pub const CHUNK_TOKENS: usize = 1024;
 
-/// [`forward_block`] only as far as tap `last` (`h` is left partly updated).
-#[allow(clippy::too_many_arguments)]
-fn forward_block_until(
-    model: &Model,
-    family: &Family,
-    block: usize,
-    tensors: &BlockTensors<'_>,
-    c: &Calibration<'_>,
-    h: &mut [f32],
-    last: Tap,
-    tap: &mut dyn FnMut(Tap, &[f32]),
-) -> Result<(), ScheduleError> {
-    let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
-    let seqlen = c.windows.seqlen();
-    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * model.config.hidden_size;
-    for chunk in h.chunks_mut(per_chunk) {
-        let n = chunk.len() / (seqlen * model.config.hidden_size);
-        block_forward_until(c.device, &model.config, &w, chunk, n, seqlen, last, tap)?;
-    }
-    Ok(())
-}
-
 /// Runs block `block` with its current tensors on `h` (updated in place), a chunk of
-/// sequences at a time; `tap` sees each subset input chunk by chunk, in token order.
+/// sequences at a time; `tap` sees each subset input chunk by chunk, in token order. With
+/// `until`, each chunk stops after that tap (`h` is then left partly updated).
+#[allow(clippy::too_many_arguments)]
 fn forward_block(
     model: &Model,
     family: &Family,
@@ -819,6 +801,7 @@ fn forward_block(
     tensors: &BlockTensors<'_>,
     c: &Calibration<'_>,
     h: &mut [f32],
+    until: Option<Tap>,
     tap: &mut dyn FnMut(Tap, &[f32]),
 ) -> Result<(), ScheduleError> {
     // Borrows the block's tensors: no copy of the weights per pass.
@@ -827,7 +810,12 @@ fn forward_block(
     let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * model.config.hidden_size;
     for chunk in h.chunks_mut(per_chunk) {
         let n = chunk.len() / (seqlen * model.config.hidden_size);
-        block_forward(c.device, &model.config, &w, chunk, n, seqlen, tap)?;
+        match until {
+            Some(last) => {
+                block_forward_until(c.device, &model.config, &w, chunk, n, seqlen, last, tap)?
+            }
+            None => block_forward(c.device, &model.config, &w, chunk, n, seqlen, tap)?,
+        }
     }
     Ok(())
 }
@@ -890,14 +878,14 @@ fn collect_stats(
         }
     };
     let mut scratch = h.to_vec();
-    forward_block_until(
+    forward_block(
         model,
         family,
         block,
         tensors,
         c,
         &mut scratch,
-        last,
+        Some(last),
         &mut tap,
     )?;
     if let Some(e) = failure {
@@ -947,6 +935,7 @@ impl<'a> InspectedModule<'a, '_> {
             self.tensors,
             self.calibration,
             &mut h,
+            Some(tap),
             &mut |t, x| {
                 if t == tap {
                     captured.extend_from_slice(x);
