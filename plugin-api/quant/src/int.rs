@@ -13,7 +13,7 @@ use crate::scheme::{QuantArgs, QuantType};
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Largest magnitude [`round_half_even`] is exact for (`2^22`).
-const ROUND_LIMIT: f32 = 4_194_304.0;
+pub(crate) const ROUND_LIMIT: f32 = 4_194_304.0;
 
 /// `f32::round_ties_even`, for `|y| ≤ 2^22`, in a form that vectorizes.
 ///

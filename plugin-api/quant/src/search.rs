@@ -4,7 +4,7 @@
 
 use crate::error::QuantError;
 use crate::fp8::round_to_fp8_e4m3;
-use crate::int::{dequantize_value, quantize_value};
+use crate::int::{dequantize_code, dequantize_value, quantize_code, quantize_value, ROUND_LIMIT};
 use crate::qparams::scale_zero;
 use crate::scheme::{QuantArgs, QuantType};
 
@@ -55,15 +55,7 @@ pub fn search_scale_zero(
     if steps == 0 {
         return Ok(best);
     }
-    let error = |(s, z): (f32, i32)| -> f64 {
-        x.iter()
-            .zip(importance)
-            .map(|(&v, &d)| {
-                let e = f64::from(v) - f64::from(fake_value(v, s, z, args));
-                f64::from(d) * e * e
-            })
-            .sum()
-    };
+    let error = |(s, z): (f32, i32)| weighted_error(x, importance, s, z, args);
     let mut best_err = error(best);
     for i in 1..=steps {
         let p = 1.0 - i as f32 / grid as f32;
@@ -75,6 +67,50 @@ pub fn search_scale_zero(
     }
     Ok(best)
 }
+
+/// `Σ_i d_i (x_i − x̂_i)²` in f64, `x̂` = [`fake_value`] with `(s, z)`.
+///
+/// Summed in [`LANES`] interleaved partial sums: a single running sum is a serial dependency
+/// the compiler may not reorder, so the loop would stay scalar; this is the hot loop of every
+/// range search (one pass per candidate range and group).
+fn weighted_error(x: &[f32], d: &[f32], s: f32, z: i32, args: &QuantArgs) -> f64 {
+    let term = |v: f32, w: f32, q: f32| {
+        let e = f64::from(v) - f64::from(q);
+        f64::from(w) * e * e
+    };
+    match args.ty {
+        QuantType::Int => {
+            // `quantize_value`'s bounds, hoisted out of the loop.
+            let (qmin, qmax) = args.int_range();
+            let limit = ROUND_LIMIT as i32;
+            let (lo, hi) = (
+                qmin.clamp(-limit, limit) as f32,
+                qmax.clamp(-limit, limit) as f32,
+            );
+            let zf = z as f32;
+            let fake = |v: f32| dequantize_code(quantize_code(v, s, zf, lo, hi), s, zf);
+            let mut acc = [0f64; LANES];
+            let (xc, xr) = (x.chunks_exact(LANES), x.chunks_exact(LANES).remainder());
+            let dc = d.chunks_exact(LANES);
+            let dr = dc.remainder();
+            for (xs, ds) in xc.zip(dc) {
+                for l in 0..LANES {
+                    acc[l] += term(xs[l], ds[l], fake(xs[l]));
+                }
+            }
+            let tail: f64 = xr.iter().zip(dr).map(|(&v, &w)| term(v, w, fake(v))).sum();
+            acc.iter().sum::<f64>() + tail
+        }
+        QuantType::Float => x
+            .iter()
+            .zip(d)
+            .map(|(&v, &w)| term(v, w, fake_value(v, s, z, args)))
+            .sum(),
+    }
+}
+
+/// Partial sums of [`weighted_error`].
+const LANES: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -121,5 +157,28 @@ mod tests {
         );
         assert!(search_scale_zero(&x, &[1.0; 2], &a, 20, 0.2).is_err());
         assert!(search_scale_zero(&x, &[1.0; 3], &a, 20, 1.0).is_err());
+    }
+
+    #[test]
+    fn the_lane_sum_is_the_plain_weighted_error() {
+        // 21 values: two full lanes of 8 and a tail of 5; both schemes' kernels.
+        let x: Vec<f32> = (0..21)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173)
+            .collect();
+        let d: Vec<f32> = (0..21).map(|i| 0.5 + (i % 4) as f32).collect();
+        let mut asym = int4_sym();
+        asym.symmetric = false;
+        for (args, s, z) in [(int4_sym(), 0.31, 0), (asym, 0.27, -3)] {
+            let plain: f64 = x
+                .iter()
+                .zip(&d)
+                .map(|(&v, &w)| {
+                    let e = f64::from(v) - f64::from(fake_value(v, s, z, &args));
+                    f64::from(w) * e * e
+                })
+                .sum();
+            let lanes = weighted_error(&x, &d, s, z, &args);
+            assert!((lanes - plain).abs() <= 1e-12 * plain, "{lanes} vs {plain}");
+        }
     }
 }
