@@ -48,7 +48,7 @@
 //! (q/k/v, gate/up).
 
 use faer::linalg::matmul::matmul;
-use faer::linalg::solvers::DenseSolveCore;
+use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat, Par, Side};
 use gs_plugin_api::quant::{
     compute_qparams, fake_value, search_scale_zero, Granularity, QParams, QuantArgs, QuantError,
@@ -558,17 +558,11 @@ fn inverse_cholesky_upper(
         for i in 0..n {
             hd[(i, i)] += lambda;
         }
-        let factor = hd
-            .llt(Side::Lower)
-            .ok()
-            .map(|llt| llt.inverse())
-            .and_then(|inv| inv.llt(Side::Lower).ok());
-        if let Some(llt) = factor {
-            let l = llt.L();
+        if let Some(f) = upper_factor_of_inverse(&hd) {
             let mut u = vec![0f32; n * n];
             for i in 0..n {
                 for j in i..n {
-                    u[i * n + j] = l[(j, i)] as f32;
+                    u[i * n + j] = f[(i, j)] as f32;
                 }
             }
             if u.iter().all(|x| x.is_finite()) && (0..n).all(|i| u[i * n + i] > 0.0) {
@@ -589,6 +583,25 @@ fn inverse_cholesky_upper(
         frac *= 10.0;
         attempt += 1;
     }
+}
+
+/// The upper triangular `U` with `H⁻¹ = UᵀU`, or `None` when `H` is not positive definite.
+///
+/// One Cholesky in reversed order and one triangular inverse (⅔·n³ flops), where the reference
+/// computes `cholesky(cholesky_inverse(cholesky(H)), upper=True)` (≈ 5/3·n³). With `J` the
+/// reversal: `JHJ = L′L′ᵀ` gives `H = RRᵀ` with `R = JL′J` upper, so `H⁻¹ = R⁻ᵀR⁻¹` and, the
+/// Cholesky factor being unique, `U = R⁻¹ = J·L′⁻¹·J`.
+fn upper_factor_of_inverse(h: &Mat<f64>) -> Option<Mat<f64>> {
+    let n = h.nrows();
+    let reversed = Mat::<f64>::from_fn(n, n, |i, j| h[(n - 1 - i, n - 1 - j)]);
+    let llt = reversed.llt(Side::Lower).ok()?;
+    let mut u = Mat::<f64>::zeros(n, n);
+    invert_lower_triangular(
+        u.as_mut().reverse_rows_and_cols_mut(),
+        llt.L(),
+        faer::get_global_parallelism(),
+    );
+    Some(u)
 }
 
 fn qerr(e: QuantError) -> String {

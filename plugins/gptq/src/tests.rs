@@ -671,3 +671,36 @@ fn the_range_search_never_loses_on_its_own_objective_and_stays_on_grid() {
         );
     }
 }
+
+#[test]
+fn the_upper_factor_of_the_inverse_satisfies_its_definition() {
+    // UᵀU·H = I with U upper triangular and a positive diagonal (the factor the reference
+    // gets from torch.linalg.cholesky(H⁻¹, upper=True)).
+    let n = 37;
+    let h = correlated_hessian(n, 100, 5);
+    let hm = Mat::<f64>::from_fn(n, n, |i, j| {
+        f64::from(h[i * n + j]) + if i == j { 0.1 } else { 0.0 }
+    });
+    let u = upper_factor_of_inverse(&hm).expect("positive definite");
+    for i in 0..n {
+        assert!(u[(i, i)] > 0.0);
+        for j in 0..i {
+            assert_eq!(u[(i, j)], 0.0, "U[{i}, {j}] is below the diagonal");
+        }
+    }
+    let product = u.transpose() * &u * &hm;
+    for i in 0..n {
+        for j in 0..n {
+            let expected = if i == j { 1.0 } else { 0.0 };
+            assert!(
+                (product[(i, j)] - expected).abs() < 1e-9,
+                "({i}, {j}): {}",
+                product[(i, j)]
+            );
+        }
+    }
+    // Not positive definite: refused, so the caller can raise the dampening.
+    let mut singular = hm.clone();
+    singular[(3, 3)] = -1.0;
+    assert!(upper_factor_of_inverse(&singular).is_none());
+}
