@@ -63,6 +63,7 @@ fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
     let calib = Calibration {
         windows: &w,
         sequential: true,
+        output_error: true,
         device: &device,
         chunk_tokens,
     };

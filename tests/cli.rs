@@ -470,6 +470,42 @@ fn rtn_runs_block_by_block_on_calibration_data_with_the_same_result() {
 }
 
 #[test]
+fn the_output_error_measurement_is_optional_and_changes_nothing_else() {
+    let work = tempfile::tempdir().unwrap();
+    let data = root().join("assets/data/tinystories/tinystories-sample.txt");
+    let run = |name: &str, run_section: &str| {
+        let out = work.path().join(name);
+        let pipeline = format!(
+            "[calibration]\ndataset = \"{}\"\nnsamples = 16\nseqlen = 64\n\n[[pipeline]]\nalgorithm = \"gptq\"\n\n{run_section}",
+            data.display()
+        );
+        let m = write_manifest(work.path(), &manifest_text(&stories260k(), &out, &pipeline));
+        let o = gs_host(work.path(), &["--manifest", m.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        let errors: Vec<Option<f64>> = report["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["rel_output_error"].as_f64())
+            .collect();
+        (
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+            errors,
+        )
+    };
+    let (with, errors) = run("with", "");
+    let (without, none) = run("without", "[run]\noutput_error = false\n");
+    assert_eq!(
+        with, without,
+        "the measurement must not change the checkpoint"
+    );
+    assert!(!errors.is_empty() && errors.iter().all(|e| e.is_some_and(|e| e > 0.0 && e < 1.0)));
+    assert!(none.iter().all(Option::is_none), "{none:?}");
+}
+
+#[test]
 fn eval_prints_the_perplexity_of_a_model_under_the_protocol() {
     let work = tempfile::tempdir().unwrap();
     let data = root().join("assets/data/tinystories/tinystories-sample.txt");

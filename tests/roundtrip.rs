@@ -173,6 +173,7 @@ fn round_trip_pipeline(format: &str, dtype: &str, quant: &str, stages: &[(&str, 
     let c = Calibration {
         windows: &calib,
         sequential: true,
+        output_error: true,
         device: &device,
         chunk_tokens: scheduler::CHUNK_TOKENS,
     };

@@ -465,6 +465,7 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
     let calibration = windows.as_ref().map(|w| Calibration {
         windows: w,
         sequential: manifest.run.sequential,
+        output_error: manifest.run.output_error,
         device: &device,
         chunk_tokens: scheduler::CHUNK_TOKENS,
     });

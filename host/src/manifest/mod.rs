@@ -203,11 +203,17 @@ pub struct RunSection {
     /// `true`: each block's calibration input is the output of the already quantized previous
     /// block; `false`: the float model's outputs.
     pub sequential: bool,
+    /// Measure each quantized layer's relative output error for the report (one extra block
+    /// forward per block).
+    pub output_error: bool,
 }
 
 impl Default for RunSection {
     fn default() -> Self {
-        RunSection { sequential: true }
+        RunSection {
+            sequential: true,
+            output_error: true,
+        }
     }
 }
 
@@ -512,6 +518,7 @@ impl Cx<'_> {
     fn run(&self, r: RawRun) -> Result<RunSection, ManifestError> {
         Ok(RunSection {
             sequential: r.sequential.unwrap_or(true),
+            output_error: r.output_error.unwrap_or(true),
         })
     }
 }

@@ -165,4 +165,5 @@ pub(crate) struct RawEval {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRun {
     pub sequential: Option<bool>,
+    pub output_error: Option<bool>,
 }

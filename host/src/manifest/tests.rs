@@ -125,6 +125,7 @@ windows = 40
 
 [run]
 sequential = false
+output_error = false
 "#;
 
 #[test]
@@ -198,7 +199,13 @@ fn full_manifest_parses_every_section() {
             points: EvalPoint::ALL.to_vec(),
         })
     );
-    assert_eq!(m.run, RunSection { sequential: false });
+    assert_eq!(
+        m.run,
+        RunSection {
+            sequential: false,
+            output_error: false
+        }
+    );
 }
 
 #[test]
@@ -215,7 +222,8 @@ fn optional_sections_take_their_defaults() {
         m.eval.as_ref().map(|e| (e.seqlen, e.windows)),
         Some((512, None))
     );
-    assert_eq!(m.run, RunSection { sequential: true });
+    assert_eq!(m.run, RunSection::default());
+    assert!(m.run.sequential && m.run.output_error);
     assert!(m.plugins.is_empty());
 
     let m = ok(BASE);

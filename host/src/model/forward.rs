@@ -89,6 +89,12 @@ pub enum ForwardError {
     /// The input quantizer of a linear refused its input (e.g. NaN activations).
     #[error("activation quantization failed: {0}")]
     ActQuant(String),
+    /// A resumed block forward asked to stop at a tap before the one it resumes from.
+    #[error("a block forward resumed at tap `{from}` cannot stop at the earlier tap `{to}`")]
+    ResumeBackwards {
+        from: &'static str,
+        to: &'static str,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -709,7 +715,7 @@ pub fn block_forward_probed(
     tap: &mut dyn FnMut(Tap, &[f32]),
     output: &mut dyn FnMut(LinearRole, &[f32]),
 ) -> Result<(), ForwardError> {
-    block_forward_inner(dev, cfg, w, h, n_seq, seqlen, None, tap, output)
+    block_forward_inner(dev, cfg, w, h, n_seq, seqlen, None, None, tap, output).map(|_| ())
 }
 
 /// The block only as far as tap `last`: `tap` sees every tap up to and including `last`, then
@@ -726,19 +732,53 @@ pub fn block_forward_until(
     last: Tap,
     tap: &mut dyn FnMut(Tap, &[f32]),
 ) -> Result<(), ForwardError> {
-    block_forward_inner(
+    block_forward_resume(dev, cfg, w, h, None, n_seq, seqlen, last, tap).map(|_| ())
+}
+
+/// [`block_forward_until`] that can start where an earlier call stopped: `from = (t, x)` means
+/// `h` is the residual stream as that call left it and `x` is the value of tap `t`, computed with
+/// the weights of the modules before `t` that `w` still holds. `tap` sees `t` again, then every
+/// later tap up to `last`. Returns the value of `last`, the `x` of the next resumption.
+///
+/// Errors when `t` comes after `last` (a forward cannot go back).
+#[allow(clippy::too_many_arguments)]
+pub fn block_forward_resume(
+    dev: &dyn Device,
+    cfg: &ModelConfig,
+    w: &BlockWeights<'_>,
+    h: &mut [f32],
+    from: Option<(Tap, Vec<f32>)>,
+    n_seq: usize,
+    seqlen: usize,
+    last: Tap,
+    tap: &mut dyn FnMut(Tap, &[f32]),
+) -> Result<Vec<f32>, ForwardError> {
+    if let Some((t, _)) = &from {
+        if t.rank() > last.rank() {
+            return Err(ForwardError::ResumeBackwards {
+                from: t.name(),
+                to: last.name(),
+            });
+        }
+    }
+    let reached = block_forward_inner(
         dev,
         cfg,
         w,
         h,
         n_seq,
         seqlen,
+        from,
         Some(last),
         tap,
         &mut |_, _| {},
-    )
+    )?;
+    Ok(reached.unwrap_or_default())
 }
 
+/// The block's data flow, one tap at a time: from the tap after `from` (the first, without
+/// it) on, each tap's value is computed from the previous one and shown to `tap`; `until` stops
+/// after that tap and returns its value, otherwise down_proj and the residual finish the block.
 #[allow(clippy::too_many_arguments)]
 fn block_forward_inner(
     dev: &dyn Device,
@@ -747,42 +787,53 @@ fn block_forward_inner(
     h: &mut [f32],
     n_seq: usize,
     seqlen: usize,
+    from: Option<(Tap, Vec<f32>)>,
     until: Option<Tap>,
     tap: &mut dyn FnMut(Tap, &[f32]),
     output: &mut dyn FnMut(LinearRole, &[f32]),
-) -> Result<(), ForwardError> {
+) -> Result<Option<Vec<f32>>, ForwardError> {
     let d = Dims::new(cfg);
     check_len("hidden states", h.len(), n_seq * seqlen * d.hidden, || {
         format!("[n_seq={n_seq} · seqlen={seqlen}, hidden={}]", d.hidden)
     })?;
-    let x = rms_norm(dev, h, &w.input_norm, d.eps)?;
-    tap(Tap::AttnInput, &x);
-    if until == Some(Tap::AttnInput) {
-        return Ok(());
+    let (start, mut x) = match from {
+        Some((t, x)) => {
+            check_len(
+                "resumed tap",
+                x.len(),
+                n_seq * seqlen * tap_width(cfg, t),
+                || format!("[tokens, {}] at tap {}", tap_width(cfg, t), t.name()),
+            )?;
+            tap(t, &x);
+            if until == Some(t) {
+                return Ok(Some(x));
+            }
+            (t.rank() + 1, x)
+        }
+        None => (0, Vec::new()),
+    };
+    for &t in &Tap::ALL[start..] {
+        // `x` holds the previous tap's value.
+        x = match t {
+            Tap::AttnInput => rms_norm(dev, h, &w.input_norm, d.eps)?,
+            Tap::AttnContext => attention_context_probed(dev, cfg, w, &x, n_seq, seqlen, output)?,
+            Tap::MlpInput => {
+                let o = w.o.forward(dev, &x)?;
+                output(LinearRole::O, &o);
+                dev.add(h, &o)?;
+                rms_norm(dev, h, &w.post_attention_norm, d.eps)?
+            }
+            Tap::MlpHidden => mlp_hidden_probed(dev, w, &x, output)?,
+        };
+        tap(t, &x);
+        if until == Some(t) {
+            return Ok(Some(x));
+        }
     }
-    let ctx = attention_context_probed(dev, cfg, w, &x, n_seq, seqlen, output)?;
-    tap(Tap::AttnContext, &ctx);
-    if until == Some(Tap::AttnContext) {
-        return Ok(());
-    }
-    let o = w.o.forward(dev, &ctx)?;
-    output(LinearRole::O, &o);
-    dev.add(h, &o)?;
-
-    let x = rms_norm(dev, h, &w.post_attention_norm, d.eps)?;
-    tap(Tap::MlpInput, &x);
-    if until == Some(Tap::MlpInput) {
-        return Ok(());
-    }
-    let hidden = mlp_hidden_probed(dev, w, &x, output)?;
-    tap(Tap::MlpHidden, &hidden);
-    if until == Some(Tap::MlpHidden) {
-        return Ok(());
-    }
-    let down = w.down.forward(dev, &hidden)?;
+    let down = w.down.forward(dev, &x)?;
     output(LinearRole::Down, &down);
     dev.add(h, &down)?;
-    Ok(())
+    Ok(None)
 }
 
 /// The attention module through `o_proj`: `x_normed: [T, H]` (the output of input_norm)
@@ -1246,6 +1297,76 @@ mod tests {
         let mut h_b = h0[9 * 64..].to_vec();
         block_forward(&dev, cfg, &w, &mut h_b, 1, seqlen, &mut |_, _| {}).unwrap();
         assert!(max_abs_diff(&h_b, &h[9 * 64..]) < 1e-6);
+    }
+
+    #[test]
+    fn a_resumed_forward_continues_exactly_where_it_stopped() {
+        let model = Model::open(&shared().join("models/stories260K")).unwrap();
+        let (cfg, dev) = (&model.config, CpuDevice::new());
+        let dec = Decoder::new(&model).unwrap();
+        let (n_seq, seqlen) = (2, 9);
+        let ids: Vec<u32> = (0..18).map(|i| (i * 29 + 3) % 512).collect();
+        let h0 = dec.embed(&ids).unwrap();
+        let w = dec.load_block(0).unwrap();
+        let mut straight: Vec<(Tap, Vec<f32>)> = Vec::new();
+        let mut h = h0.clone();
+        block_forward(&dev, cfg, &w, &mut h, n_seq, seqlen, &mut |t, x| {
+            straight.push((t, x.to_vec()))
+        })
+        .unwrap();
+        let last = Tap::MlpHidden;
+        for stop in Tap::ALL {
+            // Stop at `stop`, then resume to the last tap: the taps after the stop (and the
+            // stop again) are the straight forward's, bit for bit.
+            let mut h = h0.clone();
+            let x = block_forward_resume(
+                &dev,
+                cfg,
+                &w,
+                &mut h,
+                None,
+                n_seq,
+                seqlen,
+                stop,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(x, straight[stop.rank()].1, "{stop:?}");
+            let mut seen = Vec::new();
+            let end = block_forward_resume(
+                &dev,
+                cfg,
+                &w,
+                &mut h,
+                Some((stop, x)),
+                n_seq,
+                seqlen,
+                last,
+                &mut |t, x| seen.push((t, x.to_vec())),
+            )
+            .unwrap();
+            assert_eq!(seen, straight[stop.rank()..], "resumed at {stop:?}");
+            assert_eq!(end, straight[last.rank()].1);
+        }
+        // A forward cannot go back to an earlier tap.
+        let mut h = h0.clone();
+        let x = straight[Tap::MlpInput.rank()].1.clone();
+        let err = block_forward_resume(
+            &dev,
+            cfg,
+            &w,
+            &mut h,
+            Some((Tap::MlpInput, x)),
+            n_seq,
+            seqlen,
+            Tap::AttnContext,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a block forward resumed at tap `mlp_input` cannot stop at the earlier tap `attn_context`"
+        );
     }
 
     #[test]

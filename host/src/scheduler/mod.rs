@@ -34,8 +34,9 @@ use crate::export::{Exporter, FinalizeError, NumberRules, QuantLayer};
 use crate::manifest::QuantPlan;
 use crate::model::fakequant::ActQuant;
 use crate::model::forward::{
-    attention_forward, block_forward, block_forward_probed, block_forward_until, linear_shape,
-    mlp_forward, tap_width, BlockWeights, Decoder, ForwardError, TensorF32, TensorSource,
+    attention_forward, block_forward, block_forward_probed, block_forward_resume,
+    block_forward_until, linear_shape, mlp_forward, tap_width, BlockWeights, Decoder, ForwardError,
+    TensorF32, TensorSource,
 };
 use crate::model::DType;
 use crate::model::{Model, ModelError};
@@ -284,6 +285,9 @@ pub struct Calibration<'a> {
     /// `true`: each block's input is the previous block's output computed with its transformed
     /// weights (GPTQ-style); `false`: the float model's block outputs.
     pub sequential: bool,
+    /// Measure each quantized layer's relative output error (see [`propagate`]); without it a
+    /// sequential run skips the float block forward.
+    pub output_error: bool,
     /// Where the forward passes run.
     pub device: &'a dyn Device,
     /// Tokens per forward call, rounded down to whole sequences (at least one): bounds the
@@ -405,6 +409,7 @@ pub fn run(
         let mut tensors = BlockTensors::new(model);
         let mut reports: BTreeMap<String, LayerReport> = BTreeMap::new();
         let mut cache = StatsCache::default();
+        let mut paused: Option<Paused> = None;
         if calibration.is_some() || fake_eval.is_some() {
             tensors.load_block(&family.block_prefix(block))?;
         }
@@ -422,8 +427,17 @@ pub fn run(
                         // compute only this subset's tap for it.
                         let only = modifies[k].then_some(subset.tap);
                         collect_stats(
-                            model, family, block, &subsets, &tensors, c, h, request, only,
+                            model,
+                            family,
+                            block,
+                            &subsets,
+                            &tensors,
+                            c,
+                            h,
+                            request,
+                            only,
                             &mut cache,
+                            &mut paused,
                         )?;
                         summary.stats_passes += 1;
                     }
@@ -461,6 +475,9 @@ pub fn run(
                     .filter_map(|t| invalidates_from(family, block, t))
                     .min()
                 {
+                    if paused.as_ref().is_some_and(|p| p.at.rank() >= from) {
+                        paused = None;
+                    }
                     let dropped = cache.invalidate_from(from);
                     if !dropped.is_empty() {
                         tracing::debug!(?dropped, "statistics made stale by {}", stage.name);
@@ -710,6 +727,9 @@ fn role_in_block(family: &Family, block: usize, layer: &str) -> Option<LinearRol
 /// input — so a layer's error includes what the quantized layers before it in the block
 /// changed — and (b) replaces `h` by the next block's input: the quantized block's output
 /// when sequential, the float block's otherwise. Chunked like every calibration forward.
+///
+/// Without [`Calibration::output_error`] only the block `h` needs is run, and nothing is
+/// measured.
 fn propagate(
     spec: &RunSpec<'_>,
     block: usize,
@@ -719,12 +739,21 @@ fn propagate(
     h: &mut [f32],
 ) -> Result<BTreeMap<String, f64>, ScheduleError> {
     let cfg = &spec.model.config;
-    let quant = quantized_block(spec, block, tensors, finished)?;
-    let float = BlockWeights::load_from(cfg, spec.family, block, &spec.model.weights)?;
+    let (run_quant, run_float) = (
+        c.sequential || c.output_error,
+        !c.sequential || c.output_error,
+    );
+    let quant = run_quant
+        .then(|| quantized_block(spec, block, tensors, finished))
+        .transpose()?;
+    let float = run_float
+        .then(|| BlockWeights::load_from(cfg, spec.family, block, &spec.model.weights))
+        .transpose()?;
     let weights: &dyn TensorSource = &spec.model.weights;
     weights.release_prefix(&format!("{}.", spec.family.block_prefix(block)));
     let measured: Vec<(LinearRole, String)> = finished
         .iter()
+        .filter(|_| c.output_error)
         .filter_map(|l| role_in_block(spec.family, block, &l.name).map(|r| (r, l.name.clone())))
         .collect();
     // Σ (y_q − y)², Σ y² per role.
@@ -734,41 +763,47 @@ fn propagate(
     for chunk in h.chunks_mut(per_chunk) {
         let n = chunk.len() / (seqlen * cfg.hidden_size);
         let mut reference: BTreeMap<LinearRole, Vec<f32>> = BTreeMap::new();
-        let mut float_out = chunk.to_vec();
-        block_forward_probed(
-            c.device,
-            cfg,
-            &float,
-            &mut float_out,
-            n,
-            seqlen,
-            &mut |_, _| {},
-            &mut |r, y| {
-                if measured.iter().any(|(m, _)| *m == r) {
-                    reference.insert(r, y.to_vec());
-                }
-            },
-        )?;
-        let mut quant_out = chunk.to_vec();
-        block_forward_probed(
-            c.device,
-            cfg,
-            &quant,
-            &mut quant_out,
-            n,
-            seqlen,
-            &mut |_, _| {},
-            &mut |r, y| {
-                if let Some(y_ref) = reference.get(&r) {
-                    let s = sums.entry(r).or_insert((0.0, 0.0));
-                    for (a, b) in y.iter().zip(y_ref) {
-                        let d = f64::from(*a) - f64::from(*b);
-                        s.0 += d * d;
-                        s.1 += f64::from(*b) * f64::from(*b);
+        let mut float_out = Vec::new();
+        if let Some(float) = &float {
+            float_out = chunk.to_vec();
+            block_forward_probed(
+                c.device,
+                cfg,
+                float,
+                &mut float_out,
+                n,
+                seqlen,
+                &mut |_, _| {},
+                &mut |r, y| {
+                    if measured.iter().any(|(m, _)| *m == r) {
+                        reference.insert(r, y.to_vec());
                     }
-                }
-            },
-        )?;
+                },
+            )?;
+        }
+        let mut quant_out = Vec::new();
+        if let Some(quant) = &quant {
+            quant_out = chunk.to_vec();
+            block_forward_probed(
+                c.device,
+                cfg,
+                quant,
+                &mut quant_out,
+                n,
+                seqlen,
+                &mut |_, _| {},
+                &mut |r, y| {
+                    if let Some(y_ref) = reference.get(&r) {
+                        let s = sums.entry(r).or_insert((0.0, 0.0));
+                        for (a, b) in y.iter().zip(y_ref) {
+                            let d = f64::from(*a) - f64::from(*b);
+                            s.0 += d * d;
+                            s.1 += f64::from(*b) * f64::from(*b);
+                        }
+                    }
+                },
+            )?;
+        }
         chunk.copy_from_slice(if c.sequential { &quant_out } else { &float_out });
     }
     Ok(measured
@@ -820,9 +855,24 @@ fn forward_block(
     Ok(())
 }
 
+/// Where the block's last statistics pass stopped, chunk by chunk: the residual stream and the
+/// value of tap `at`. The next pass continues from there while no module before `at` has
+/// changed, so a sequential run computes each module of the block once for the statistics, not
+/// once for every later subset.
+struct Paused {
+    at: Tap,
+    /// `(h, x)` per forward chunk, in token order.
+    chunks: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Largest [`Paused`] state kept (bytes); a larger one (huge calibration sets) is dropped and
+/// the next pass starts from the block input, as it would without it.
+const PAUSE_BUDGET: usize = 1 << 30;
+
 /// One forward pass over the block's calibration input that computes `request` for every
 /// subset whose statistics are missing (only those observed at tap `only`, when given), and
-/// caches them. The forward stops at the last tap it needs.
+/// caches them. The forward stops at the last tap it needs, and starts from `paused` when that
+/// is still valid and not past the first tap it needs; it leaves its own end in `paused`.
 ///
 /// `XᵀX` is summed in f32 within a forward chunk (at most [`Calibration::chunk_tokens`] tokens,
 /// one GEMM) and across chunks in f64.
@@ -838,6 +888,7 @@ fn collect_stats(
     request: StatsRequest,
     only: Option<Tap>,
     cache: &mut StatsCache,
+    paused: &mut Option<Paused>,
 ) -> Result<(), ScheduleError> {
     let mut pending: Vec<(usize, Option<Accumulator>)> = subsets
         .iter()
@@ -845,13 +896,11 @@ fn collect_stats(
         .filter(|(_, s)| cache.needs(&s.name, request) && only.is_none_or(|t| s.tap == t))
         .map(|(i, _)| (i, None))
         .collect();
-    let Some(last) = pending
-        .iter()
-        .map(|(i, _)| subsets[*i].tap)
-        .max_by_key(|t| t.rank())
-    else {
+    let taps = || pending.iter().map(|(i, _)| subsets[*i].tap.rank());
+    let (Some(first), Some(last)) = (taps().min(), taps().max()) else {
         return Ok(());
     };
+    let last = Tap::ALL[last];
     let mut failure = None;
     let mut gram = Vec::new();
     let mut tap = |t: Tap, x: &[f32]| {
@@ -877,19 +926,44 @@ fn collect_stats(
             });
         }
     };
-    let mut scratch = h.to_vec();
-    forward_block(
-        model,
-        family,
-        block,
-        tensors,
-        c,
-        &mut scratch,
-        Some(last),
-        &mut tap,
-    )?;
+    let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
+    let seqlen = c.windows.seqlen();
+    let hidden = model.config.hidden_size;
+    let starts: Vec<(Option<Tap>, Vec<f32>, Vec<f32>)> =
+        match paused.take().filter(|p| p.at.rank() <= first) {
+            Some(p) => p
+                .chunks
+                .into_iter()
+                .map(|(h, x)| (Some(p.at), h, x))
+                .collect(),
+            None => h
+                .chunks((c.chunk_tokens / seqlen).max(1) * seqlen * hidden)
+                .map(|h| (None, h.to_vec(), Vec::new()))
+                .collect(),
+        };
+    let mut chunks = Vec::with_capacity(starts.len());
+    for (at, mut h, x) in starts {
+        let n = h.len() / (seqlen * hidden);
+        let from = at.map(|t| (t, x));
+        let x = block_forward_resume(
+            c.device,
+            &model.config,
+            &w,
+            &mut h,
+            from,
+            n,
+            seqlen,
+            last,
+            &mut tap,
+        )?;
+        chunks.push((h, x));
+    }
     if let Some(e) = failure {
         return Err(ForwardError::from(e).into());
+    }
+    let bytes: usize = chunks.iter().map(|(h, x)| 4 * (h.len() + x.len())).sum();
+    if bytes <= PAUSE_BUDGET {
+        *paused = Some(Paused { at: last, chunks });
     }
     for (i, acc) in pending {
         let stats: InputStats = acc.map(Accumulator::finish).unwrap_or_default();
