@@ -5,8 +5,8 @@
 //! - `1536x576` as named by the issue: down_proj (`[out = 576, in = 1536]`).
 //!
 //! `H = XᵀX` of 4,096 random tokens (the 32 × 128 calibration windows), built before timing.
-//! Run with `cargo bench -p gs-benches --bench gptq`. The end-to-end SmolLM2 run is measured
-//! with the CLI (docs/RESULTS.md), not here: it needs the model's shards.
+//! Run with `cargo bench -p gs-benches --bench gptq`. The whole SmolLM2 run is `benches/smollm2.rs`
+//! (opt-in: it needs the model's shards).
 
 use divan::{black_box, Bencher};
 use gs_gptq::{gptq_quantize, GptqParams};
