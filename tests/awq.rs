@@ -7,7 +7,6 @@
 //! so its W4A16 uses groups of 32, and of 43 for down_proj.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use gs_tests::*;
 
@@ -247,30 +246,12 @@ fn gs_host_plugins_lists_awq() {
     assert!(s.contains("gs-awq") && s.contains("awq"), "{s}");
 }
 
-/// Opt-in accuracy table on SmolLM2-135M (`GS_SMOLLM2_DIR` = the directory of its shards;
-/// release binaries are built): W4A16 g64 with the 32 × 128 reference windows, WikiText-2 test
-/// 40 × 512. Prints each configuration's fake-quant perplexity and wall time.
-/// `GS_AWQ_TABLE=full` adds the duo-scaling and clipping variants.
+/// Opt-in table on SmolLM2-135M (`GS_SMOLLM2_DIR`): W4A16 g64 with RTN, AWQ, GPTQ and
+/// AWQ→GPTQ; `GS_AWQ_TABLE=full` adds the duo-scaling and clipping variants. The bars are in
+/// `tests/accuracy.rs`; this prints the rows for exploring AWQ's parameters.
 #[test]
 #[ignore = "needs GS_SMOLLM2_DIR and several minutes in release"]
 fn smollm2_w4a16_g64_accuracy_table() {
-    let Some(model) = std::env::var_os("GS_SMOLLM2_DIR").map(PathBuf::from) else {
-        panic!("set GS_SMOLLM2_DIR to the SmolLM2-135M shards");
-    };
-    // Release binaries: a debug host would take many times longer.
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gs-host",
-        "-p",
-        "gs-plugin-rtn",
-        "-p",
-        "gs-plugin-gptq",
-        "-p",
-        "gs-plugin-awq",
-    ]);
-    let bin = target_dir().join("release/gs-host");
     let mut rows = vec![
         ("rtn", RTN.to_string()),
         ("awq", AWQ.to_string()),
@@ -289,50 +270,12 @@ fn smollm2_w4a16_g64_accuracy_table() {
             ));
         }
     }
-    eprintln!("| pipeline | PPL (WikiText-2 test, 40 × 512) | wall s |\n|---|---|---|");
+    println!("| pipeline | PPL (WikiText-2 test, 40 × 512) | wall |\n|---|---|---|");
     for (name, pipeline) in rows {
-        let work = tempfile::tempdir().unwrap();
-        let out = work.path().join("out");
-        let text = format!(
-            r#"[model]
-path = "{model}"
-[calibration]
-dataset = "{calib}"
-nsamples = 32
-seqlen = 128
-[quant]
-scheme = "w4a16"
-weights = {{ group_size = 64 }}
-{pipeline}
-[export]
-format = "fake"
-output = "{out}"
-[eval]
-dataset = "{eval}"
-seqlen = 512
-windows = 40
-points = ["fake_quant"]
-"#,
-            model = model.display(),
-            calib = shared()
-                .join("reference/calib/smollm2-wikitext2-train-32x128.json")
-                .display(),
-            out = out.display(),
-            eval = shared().join("data/wikitext-2-raw/wiki.test.raw").display(),
+        smollm2_fake_quant_ppl(
+            name,
+            "scheme = \"w4a16\"\nweights = { group_size = 64 }",
+            &pipeline,
         );
-        let m = write_manifest(work.path(), &text);
-        let t = Instant::now();
-        let o = std::process::Command::new(&bin)
-            .args(["--manifest", m.to_str().unwrap()])
-            .env_remove("GS_PLUGIN_PATH")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-        let p = report["perplexity"][0]["ppl"].as_f64().unwrap();
-        eprintln!("| {name} | {p:.4} | {secs:.0} |");
     }
 }

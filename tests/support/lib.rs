@@ -224,3 +224,98 @@ output = "{}"
         out.display()
     )
 }
+
+/// The SmolLM2-135M directory of the opt-in accuracy tests (`GS_SMOLLM2_DIR`, the shards
+/// materialized by `shared/models/SmolLM2-135M-q41dq/fetch.sh`).
+pub fn smollm2() -> Option<PathBuf> {
+    std::env::var_os("GS_SMOLLM2_DIR").map(PathBuf::from)
+}
+
+/// The directory with the release `gs-host` and the shipped plugins, built once per test binary
+/// (a debug host would take many times longer on a real model).
+pub fn release_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "gs-host",
+            "-p",
+            "gs-plugin-rtn",
+            "-p",
+            "gs-plugin-gptq",
+            "-p",
+            "gs-plugin-awq",
+            "-p",
+            "gs-plugin-smoothquant",
+        ]);
+        target_dir().join("release")
+    })
+}
+
+/// Runs one recipe on SmolLM2-135M with the release CLI (`quant` = the `[quant]` body,
+/// `pipeline` = `[[pipeline]]` blocks), calibrated on the anchors' 32 × 128 windows
+/// (`shared/reference/calib`), and returns its fake-quant perplexity on WikiText-2 test,
+/// 40 × 512 (the protocol of `host/src/eval/perplexity.rs`). Prints a table row with the
+/// wall time. Panics without `GS_SMOLLM2_DIR`.
+pub fn smollm2_fake_quant_ppl(name: &str, quant: &str, pipeline: &str) -> f64 {
+    let model = smollm2().expect("set GS_SMOLLM2_DIR to the SmolLM2-135M-q41dq directory");
+    let shared = root().join("../shared");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("out");
+    let manifest = format!(
+        r#"[model]
+path = "{model}"
+
+[calibration]
+dataset = "{calib}"
+nsamples = 32
+seqlen = 128
+
+[quant]
+{quant}
+
+{pipeline}
+
+[export]
+format = "compressed-tensors"
+output = "{out}"
+
+[eval]
+dataset = "{test}"
+seqlen = 512
+windows = 40
+points = ["fake_quant"]
+"#,
+        model = model.display(),
+        calib = shared
+            .join("reference/calib/smollm2-wikitext2-train-32x128.json")
+            .display(),
+        out = out.display(),
+        test = shared.join("data/wikitext-2-raw/wiki.test.raw").display(),
+    );
+    let path = write_manifest(dir.path(), &manifest);
+    let bin = release_dir().join(format!("gs-host{}", std::env::consts::EXE_SUFFIX));
+    let start = std::time::Instant::now();
+    let o = Command::new(bin)
+        .args(["--manifest", &path.to_string_lossy()])
+        .env_remove("GS_PLUGIN_PATH")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("gs-host runs");
+    assert!(o.status.success(), "{name}: {}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+            .expect("report parses");
+    let ppl = report["perplexity"]
+        .as_array()
+        .and_then(|points| points.iter().find(|p| p["point"] == "fake_quant"))
+        .and_then(|p| p["ppl"].as_f64())
+        .expect("a fake_quant perplexity in report.json");
+    println!(
+        "| {name} | {ppl:.4} | {:.0} s (with the 40-window evaluation) |",
+        start.elapsed().as_secs_f64()
+    );
+    ppl
+}
