@@ -465,9 +465,11 @@ pub fn quantize_prepared(
                 }
                 Ok(l)
             })
-            .try_reduce(|| 0.0, |a, b| Ok(a + b))
+            // Summed in row order, not in rayon's split order: the loss is reported, and a
+            // run's report must not depend on the number of threads.
+            .collect::<Result<Vec<f64>, QuantError>>()
             .map_err(qerr)?;
-        loss += block_loss;
+        loss += block_loss.iter().sum::<f64>();
         if e < n {
             lazy_update(&mut wp, &errs, u, n, b, e, bs);
         }
