@@ -130,7 +130,7 @@ fn list_unset(unset: &[&'static str]) -> String {
         return String::new();
     }
     let names: Vec<String> = unset.iter().map(|v| format!("${v}")).collect();
-    format!(" ({} not set)", names.join(", "))
+    format!("; not set: {}", names.join(", "))
 }
 
 #[cfg(test)]

@@ -385,7 +385,7 @@ fn a_missing_library_gives_the_clear_error() {
             empty.path().join("ld/libascendcl.so").display()
         ),
         "/usr/local/Ascend/ascend-toolkit/latest/lib64/libascendcl.so (default CANN install)",
-        "$GS_ASCENDCL_LIB, $ASCEND_TOOLKIT_HOME not set",
+        "; not set: $GS_ASCENDCL_LIB, $ASCEND_TOOLKIT_HOME;",
         "`source /usr/local/Ascend/ascend-toolkit/set_env.sh`",
     ] {
         assert!(msg.contains(part), "missing {part:?} in {msg}");
