@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::{bf16, f16};
 
@@ -14,9 +14,19 @@ use crate::loader::SearchEnv;
 use crate::sys;
 use crate::Result;
 
-/// The live runtime of this process, if any: [`Runtime::load`] shares it, so `aclInit` runs
-/// once however many handles exist, and `aclFinalize` when the last one drops.
-static LIVE: Mutex<Weak<Shared>> = Mutex::new(Weak::new());
+/// The live runtime of this process and how many [`Runtime`] handles exist: `aclInit` runs
+/// once however many handles exist, `aclFinalize` when the last one drops. Counted under one
+/// lock (not through `Arc` counts) so a load racing with the last drop sees either the live
+/// runtime or a finalized one, never a runtime being finalized.
+static LIVE: Mutex<Registry> = Mutex::new(Registry {
+    shared: None,
+    handles: 0,
+});
+
+struct Registry {
+    shared: Option<Arc<Shared>>,
+    handles: usize,
+}
 
 /// A poisoned lock only means another thread panicked while holding it; the data (a handle
 /// or a cache slot) is still consistent.
@@ -97,12 +107,31 @@ fn recent_message(acl: &sys::AscendCl) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-impl Drop for Shared {
+/// A loaded, initialized AscendCL runtime. Cheap to clone; the process shares one.
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Runtime {
+    fn clone(&self) -> Self {
+        lock(&LIVE).handles += 1;
+        Runtime {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Runtime {
     fn drop(&mut self) {
-        // Held so that a concurrent `Runtime::load` cannot `aclInit` before this finalizes.
-        let _live = lock(&LIVE);
-        // SAFETY: every Device/Stream/DeviceBuffer holds a Runtime, so none is left.
-        let code = unsafe { self.acl.aclFinalize() };
+        let mut live = lock(&LIVE);
+        live.handles = live.handles.saturating_sub(1);
+        if live.handles > 0 {
+            return;
+        }
+        live.shared = None;
+        // SAFETY: the last handle; every Device/Stream/DeviceBuffer holds one, so none is left.
+        // Under the lock, so no load can aclInit before this finalizes.
+        let code = unsafe { self.shared.acl.aclFinalize() };
         if code != 0 {
             tracing::warn!(
                 "{}",
@@ -110,17 +139,11 @@ impl Drop for Shared {
                     call: "aclFinalize",
                     context: String::new(),
                     code,
-                    recent: self.recent_message(),
+                    recent: self.shared.recent_message(),
                 }
             );
         }
     }
-}
-
-/// A loaded, initialized AscendCL runtime. Cheap to clone; the process shares one.
-#[derive(Clone)]
-pub struct Runtime {
-    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -142,7 +165,7 @@ impl Runtime {
     pub fn load_with(env: &SearchEnv) -> Result<Runtime> {
         let mut live = lock(&LIVE);
         let path = env.locate_runtime()?;
-        if let Some(shared) = live.upgrade() {
+        if let Some(shared) = &live.shared {
             if shared.path != path {
                 return Err(AclError::invalid(
                     "Runtime::load",
@@ -153,6 +176,8 @@ impl Runtime {
                     ),
                 ));
             }
+            let shared = shared.clone();
+            live.handles += 1;
             return Ok(Runtime { shared });
         }
         let lib = open_library(&path)?;
@@ -201,7 +226,8 @@ impl Runtime {
             search: env.clone(),
             blas: Mutex::new(None),
         });
-        *live = Arc::downgrade(&shared);
+        live.shared = Some(shared.clone());
+        live.handles = 1;
         Ok(Runtime { shared })
     }
 
@@ -891,7 +917,8 @@ impl Drop for Stream {
         // SAFETY: live stream; AscendCL wants it idle before it is destroyed.
         let code = unsafe { acl.aclrtSynchronizeStream(self.raw) };
         d.warn_on_drop(code, "aclrtSynchronizeStream");
-        // SAFETY: destroyed once; the scalars buffer is freed after (field drop order).
+        // SAFETY: destroyed once; the scalars buffer (which holds its own Device) is freed
+        // after it.
         let code = unsafe { acl.aclrtDestroyStream(self.raw) };
         d.warn_on_drop(code, "aclrtDestroyStream");
     }

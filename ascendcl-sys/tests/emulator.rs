@@ -182,6 +182,52 @@ fn gemm_equals_the_cpu_reference_bit_for_bit() {
 }
 
 #[test]
+fn loads_racing_with_the_last_drop_never_initialize_twice() {
+    let _s = serial();
+    let counters = Counters::open(Variant::Full);
+    let before = counters.snapshot();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    let rt = load(Variant::Full).unwrap();
+                    assert_eq!(rt.device_count().unwrap(), 1);
+                }
+            });
+        }
+    });
+    let d = counters.assert_balanced(&before);
+    assert!(d.get("init") >= 1, "{d:?}");
+}
+
+#[test]
+fn a_stream_may_outlive_every_other_handle() {
+    let _s = serial();
+    let counters = Counters::open(Variant::Full);
+    let before = counters.snapshot();
+    {
+        // The stream (and its GEMM scalars buffer) hold the only Device and Runtime handles:
+        // dropping it releases everything, context and finalize last.
+        let mut stream = load(Variant::Full)
+            .unwrap()
+            .open_device(0)
+            .unwrap()
+            .create_stream()
+            .unwrap();
+        let dims = GemmDims {
+            m: 1,
+            n: 1,
+            k: 2,
+            trans_a: Trans::N,
+            trans_b: Trans::N,
+        };
+        let got = run_gemm(&mut stream, dims, &[1f32, 2.], &[3f32, 4.]).unwrap();
+        assert_eq!(got, [11.0]);
+    }
+    counters.assert_balanced(&before);
+}
+
+#[test]
 fn gemm_refuses_inconsistent_shapes_and_foreign_buffers_before_calling() {
     let _s = serial();
     let _env = EnvGuard::set(&[("GSEMU_DEVICES", "2")]);
