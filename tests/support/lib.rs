@@ -157,6 +157,33 @@ pub fn gs_host(cwd: &Path, args: &[&str]) -> Output {
         .expect("gs-host runs")
 }
 
+/// Builds the AscendCL emulator and lays it out as a CANN home; shared with ascendcl-sys's own
+/// tests (one copy of the build logic).
+#[path = "../../ascendcl-sys/tests/support/mod.rs"]
+pub mod ascend_emulator;
+
+/// Runs the built `gs-host` like [`gs_host`], with no Ascend search variable inherited from
+/// the test's environment, plus `env`.
+pub fn gs_host_with_env(cwd: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
+    let mut cmd = Command::new(gs_host_bin());
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("GS_PLUGIN_PATH")
+        .env("RUST_LOG", "warn");
+    for var in [
+        "GS_ASCENDCL_LIB",
+        "ASCEND_HOME_PATH",
+        "ASCEND_TOOLKIT_HOME",
+        "LD_LIBRARY_PATH",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("gs-host runs")
+}
+
 /// stderr of a finished command, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

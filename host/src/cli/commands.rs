@@ -24,6 +24,7 @@ use crate::scheduler::{self, Calibration, InRunEval, RunSpec, RunSummary};
 pub fn dispatch(cli: Cli) -> Result<()> {
     match (&cli.command, &cli.manifest) {
         (Some(Command::Inspect { model }), _) => inspect(model),
+        (Some(Command::Devices), _) => super::devices::run(),
         (Some(Command::Plugins), m) => plugins(m.as_deref(), &cli.plugin_dirs),
         (
             Some(Command::Eval {

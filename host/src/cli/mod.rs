@@ -1,8 +1,9 @@
 //! The `gs-host` command line: `--manifest run.toml` runs, plus `quantize` (a preset expanded
-//! to a manifest), `check`, `plugins`, `inspect`, `eval`.
+//! to a manifest), `check`, `plugins`, `inspect`, `eval`, `devices`.
 //! Errors get their context here (anyhow); the library modules return typed errors.
 
 mod commands;
+mod devices;
 pub mod presets;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub enum Command {
     Check,
     /// List the plugins found: name, version, vendor, ABI, algorithms, path, sha256.
     Plugins,
+    /// List the compute devices: the CPU (cores, SIMD features) and, when an AscendCL runtime
+    /// loads, each Ascend NPU (SoC, memory, CANN version); otherwise why none was found.
+    Devices,
     /// Describe a model directory: architecture, layers, tensors, parameter count.
     Inspect {
         /// Directory with config.json and safetensors weights.
