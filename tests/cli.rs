@@ -650,3 +650,62 @@ fn a_run_writes_report_json_and_svg_with_all_three_evaluation_points() {
     assert_eq!(run["calibration"]["nsamples"], 8);
     assert!(run["manifest"]["sha256"].as_str().unwrap().len() == 64);
 }
+
+#[test]
+fn plugins_verify_gives_each_library_a_verdict_and_fails_on_any_bad_one() {
+    let work = tempfile::tempdir().unwrap();
+    // Everything shipped verifies.
+    let o = gs_host(work.path(), &["plugins", "--verify"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    for name in ["gs-rtn", "gs-gptq", "gs-awq", "gs-smoothquant"] {
+        assert!(s.contains(&format!("ok      {name} ")), "{s}");
+    }
+    // A wrong pin, a file that is not a library, an algorithm nobody provides.
+    let bad = work.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("libjunk.so"), b"not a shared library").unwrap();
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &work.path().join("out"),
+            &format!(
+                "[[pipeline]]\nalgorithm = \"rtn\"\n\n[[pipeline]]\nalgorithm = \"no_such_algorithm\"\n\n\
+                 [plugins.gs-rtn]\nsha256 = \"{}\"",
+                "0".repeat(64)
+            ),
+        ),
+    );
+    let before = tree_digest(&stories260k());
+    let o = gs_host(
+        work.path(),
+        &[
+            "plugins",
+            "--verify",
+            "--manifest",
+            m.to_str().unwrap(),
+            "--plugin-dir",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    let s = stdout(&o);
+    assert!(
+        s.contains("FAILED") && s.contains("libgs_rtn") && s.contains("does not match its pin"),
+        "{s}"
+    );
+    assert!(s.contains("libjunk.so"), "{s}");
+    assert!(
+        s.contains("ok      gs-gptq "),
+        "the others are still checked: {s}"
+    );
+    assert!(
+        stderr(&o).contains("plugin check(s) failed"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing was run or written.
+    assert!(!work.path().join("out").exists());
+    assert_eq!(tree_digest(&stories260k()), before);
+}

@@ -1,5 +1,6 @@
 //! What each subcommand does.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -18,14 +19,19 @@ use crate::export::{self, ExportOptions, Staging, RUN_RECORD};
 use crate::manifest::{EvalPoint, EvalSection, ExportFormat, Manifest, ManifestError};
 use crate::model::fakequant::act_quant_to_json;
 use crate::model::Model;
-use crate::plugins::{AlgorithmInstance, Pin, PluginRegistry, SearchPath};
+use crate::plugins::{
+    AlgorithmInstance, LoadedPlugin, Pin, PluginError, PluginRegistry, PluginSource, SearchPath,
+};
 use crate::scheduler::{self, Calibration, InRunEval, RunSpec, RunSummary};
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     match (&cli.command, &cli.manifest) {
         (Some(Command::Inspect { model }), _) => inspect(model),
         (Some(Command::Devices), _) => super::devices::run(),
-        (Some(Command::Plugins), m) => plugins(m.as_deref(), &cli.plugin_dirs),
+        (Some(Command::Plugins { verify: false }), m) => plugins(m.as_deref(), &cli.plugin_dirs),
+        (Some(Command::Plugins { verify: true }), m) => {
+            verify_plugins(m.as_deref(), &cli.plugin_dirs)
+        }
         (
             Some(Command::Eval {
                 model,
@@ -76,9 +82,18 @@ fn registry(
     manifest_dir: Option<&Path>,
     dirs: &[PathBuf],
 ) -> Result<PluginRegistry> {
+    let search = search_path(manifest_dir, dirs);
+    Ok(PluginRegistry::load(&search, &pins(manifest))?)
+}
+
+fn search_path(manifest_dir: Option<&Path>, dirs: &[PathBuf]) -> SearchPath {
     let env = std::env::var_os("GS_PLUGIN_PATH");
-    let search = SearchPath::standard(manifest_dir, dirs, env.as_deref(), true);
-    let pins = manifest
+    SearchPath::standard(manifest_dir, dirs, env.as_deref(), true)
+}
+
+/// The manifest's `[plugins.<name>]` pins.
+fn pins(manifest: Option<&Manifest>) -> BTreeMap<String, Pin> {
+    manifest
         .map(|m| {
             m.plugins
                 .iter()
@@ -93,8 +108,121 @@ fn registry(
                 })
                 .collect()
         })
-        .unwrap_or_default();
-    Ok(PluginRegistry::load(&search, &pins)?)
+        .unwrap_or_default()
+}
+
+/// `gs-host plugins --verify`: every library on the search path (and every pinned path) gets
+/// one verdict — its pin (checked before a pinned path is opened), its ABI major and
+/// abi_stable's layout checks — then the cross-plugin checks of a run: duplicate algorithms,
+/// pins naming no plugin, pipeline algorithms nobody provides. Nothing is created or run.
+fn verify_plugins(manifest: Option<&Path>, dirs: &[PathBuf]) -> Result<()> {
+    let m = manifest.map(Manifest::load).transpose()?;
+    let pins = pins(m.as_ref());
+    let mut search = search_path(manifest.and_then(manifest_dir), dirs);
+    for pin in pins.values() {
+        if let Some(p) = &pin.path {
+            search.files.push((p.clone(), PluginSource::Pinned));
+        }
+    }
+    let files = crate::plugins::discover(&search)?;
+    let mut failed = 0usize;
+    let mut checked = 0usize;
+    let mut provided: Vec<String> = Vec::new();
+    for (path, source) in &files {
+        match verify_one(path, *source, &pins) {
+            Verdict::Skipped => continue,
+            Verdict::Ok { line, algorithms } => {
+                println!("ok      {line}");
+                provided.extend(algorithms);
+            }
+            Verdict::Failed(why) => {
+                failed += 1;
+                println!("FAILED  {}: {why}", path.display());
+            }
+        }
+        checked += 1;
+    }
+    for stage in m.iter().flat_map(|m| &m.pipeline) {
+        if !provided.contains(&stage.algorithm) {
+            failed += 1;
+            println!(
+                "FAILED  pipeline algorithm `{}`: no verified plugin provides it (verified: {})",
+                stage.algorithm,
+                provided.join(", ")
+            );
+        }
+    }
+    // What only the whole set can show (two plugins claiming one algorithm, a pin naming no
+    // plugin); a failure already reported above would only be repeated.
+    if failed == 0 {
+        if let Err(e) = PluginRegistry::load(&search, &pins) {
+            failed += 1;
+            println!("FAILED  {e}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} plugin check(s) failed ({checked} librar(ies) checked)");
+    }
+    println!("{checked} plugin(s) verified");
+    Ok(())
+}
+
+enum Verdict {
+    Ok {
+        line: String,
+        algorithms: Vec<String>,
+    },
+    Failed(String),
+    /// Not a gs-host plugin in the built-in directory (cargo's output holds other libraries).
+    Skipped,
+}
+
+fn verify_one(path: &Path, source: PluginSource, pins: &BTreeMap<String, Pin>) -> Verdict {
+    let sha = match crate::plugins::sha256_file(path) {
+        Ok(s) => s,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    // A pinned path is hashed before it is opened: a mismatch runs none of its code.
+    if let Some((name, pin)) = pins.iter().find(|(_, p)| p.path.as_deref() == Some(path)) {
+        if pin.sha256 != sha {
+            return Verdict::Failed(format!(
+                "sha256 {sha} does not match the pin of `{name}` ({}); not opened",
+                pin.sha256
+            ));
+        }
+    }
+    let p = match LoadedPlugin::load(path, source) {
+        Ok(p) => p,
+        Err(PluginError::NotALibrary { .. } | PluginError::NoAbiSymbol { .. })
+            if source == PluginSource::BuiltIn =>
+        {
+            return Verdict::Skipped
+        }
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    let pin = match pins.get(&p.name) {
+        Some(pin) if pin.sha256 != sha => {
+            return Verdict::Failed(format!(
+                "plugin `{}`: sha256 {sha} does not match its pin {}",
+                p.name, pin.sha256
+            ))
+        }
+        Some(_) => "pinned sha256 matches",
+        None => "not pinned",
+    };
+    let algorithms: Vec<String> = p.algorithms.iter().map(|(a, _)| a.clone()).collect();
+    Verdict::Ok {
+        line: format!(
+            "{} {} (abi {}, gs-plugin-api {}): {}; {pin}; {}",
+            p.name,
+            p.version,
+            p.abi_major,
+            p.api_version,
+            algorithms.join(", "),
+            path.display()
+        ),
+        algorithms,
+    }
 }
 
 fn plugins(manifest: Option<&Path>, dirs: &[PathBuf]) -> Result<()> {

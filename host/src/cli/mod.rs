@@ -38,7 +38,13 @@ pub enum Command {
     /// Validate the manifest, plugins, parameters and model without running anything.
     Check,
     /// List the plugins found: name, version, vendor, ABI, algorithms, path, sha256.
-    Plugins,
+    Plugins {
+        /// Check instead of listing: each library's ABI, the manifest's sha256 pins and that
+        /// every pipeline algorithm is provided, one verdict per plugin; no algorithm is
+        /// created or run. Exits non-zero when any check fails.
+        #[arg(long)]
+        verify: bool,
+    },
     /// List the compute devices: the CPU (cores, SIMD features) and, when an AscendCL runtime
     /// loads, each Ascend NPU (SoC, memory, CANN version); otherwise why none was found.
     Devices,
