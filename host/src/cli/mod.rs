@@ -158,6 +158,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The command line `args` (the first is the program name) run in this process, as the binary
+/// runs them, without installing a log subscriber: the library entry point of everything the
+/// CLI does (a long-running service, or tests that run many pipelines in one process).
+pub fn run_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    commands::dispatch(Cli::try_parse_from(args)?)
+}
+
 /// The error and its causes joined with `": "` (anyhow's `{:#}`), except a cause whose text
 /// the message before it already ends with: many library errors quote their I/O source
 /// (`cannot read X: No such file…`) and also expose it as the source.
