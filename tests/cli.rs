@@ -692,7 +692,7 @@ fn plugins_verify_gives_each_library_a_verdict_and_fails_on_any_bad_one() {
     assert!(!o.status.success());
     let s = stdout(&o);
     assert!(
-        s.contains("FAILED") && s.contains("libgs_rtn") && s.contains("does not match its pin"),
+        s.contains("FAILED") && s.contains("libgs_rtn") && s.contains("but the manifest pins"),
         "{s}"
     );
     assert!(s.contains("libjunk.so"), "{s}");

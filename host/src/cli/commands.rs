@@ -183,13 +183,8 @@ fn verify_one(path: &Path, source: PluginSource, pins: &BTreeMap<String, Pin>) -
         Err(e) => return Verdict::Failed(e.to_string()),
     };
     // A pinned path is hashed before it is opened: a mismatch runs none of its code.
-    if let Some((name, pin)) = pins.iter().find(|(_, p)| p.path.as_deref() == Some(path)) {
-        if pin.sha256 != sha {
-            return Verdict::Failed(format!(
-                "sha256 {sha} does not match the pin of `{name}` ({}); not opened",
-                pin.sha256
-            ));
-        }
+    if let Err(e) = crate::plugins::check_pinned_path(path, &sha, pins) {
+        return Verdict::Failed(format!("{e}; not opened"));
     }
     let p = match LoadedPlugin::load(path, source) {
         Ok(p) => p,
@@ -200,15 +195,13 @@ fn verify_one(path: &Path, source: PluginSource, pins: &BTreeMap<String, Pin>) -
         }
         Err(e) => return Verdict::Failed(e.to_string()),
     };
-    let pin = match pins.get(&p.name) {
-        Some(pin) if pin.sha256 != sha => {
-            return Verdict::Failed(format!(
-                "plugin `{}`: sha256 {sha} does not match its pin {}",
-                p.name, pin.sha256
-            ))
-        }
-        Some(_) => "pinned sha256 matches",
-        None => "not pinned",
+    if let Err(e) = crate::plugins::check_pin(&p, pins) {
+        return Verdict::Failed(e.to_string());
+    }
+    let pin = if pins.contains_key(&p.name) {
+        "pinned sha256 matches"
+    } else {
+        "not pinned"
     };
     let algorithms: Vec<String> = p.algorithms.iter().map(|(a, _)| a.clone()).collect();
     Verdict::Ok {

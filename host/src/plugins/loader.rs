@@ -125,6 +125,37 @@ impl LoadedPlugin {
     }
 }
 
+/// The pin whose `path` is `path`, checked against the file's `sha256` before the library is
+/// opened (a mismatch runs none of its code).
+pub fn check_pinned_path(
+    path: &Path,
+    sha256: &str,
+    pins: &BTreeMap<String, Pin>,
+) -> Result<(), PluginError> {
+    match pins.iter().find(|(_, p)| p.path.as_deref() == Some(path)) {
+        Some((name, pin)) if pin.sha256 != sha256 => Err(PluginError::Sha256Mismatch {
+            name: name.clone(),
+            path: path.to_path_buf(),
+            expected: pin.sha256.clone(),
+            actual: sha256.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The pin of a loaded plugin (by its name), if the manifest has one.
+pub fn check_pin(plugin: &LoadedPlugin, pins: &BTreeMap<String, Pin>) -> Result<(), PluginError> {
+    match pins.get(&plugin.name) {
+        Some(pin) if pin.sha256 != plugin.sha256 => Err(PluginError::Sha256Mismatch {
+            name: plugin.name.clone(),
+            path: plugin.path.clone(),
+            expected: pin.sha256.clone(),
+            actual: plugin.sha256.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl PluginRegistry {
     /// Discovers and loads every plugin on `search`, applying the manifest's `pins`.
     ///
@@ -144,20 +175,7 @@ impl PluginRegistry {
         let mut reg = PluginRegistry::default();
         for (path, source) in files {
             if source == PluginSource::Pinned {
-                let actual = sha256_file(&path)?;
-                if let Some((name, pin)) = pins
-                    .iter()
-                    .find(|(_, p)| p.path.as_deref() == Some(path.as_path()))
-                {
-                    if pin.sha256 != actual {
-                        return Err(PluginError::Sha256Mismatch {
-                            name: name.clone(),
-                            path,
-                            expected: pin.sha256.clone(),
-                            actual,
-                        });
-                    }
-                }
+                check_pinned_path(&path, &sha256_file(&path)?, pins)?;
             }
             let plugin = match LoadedPlugin::load(&path, source) {
                 Ok(p) => p,
@@ -214,7 +232,7 @@ impl PluginRegistry {
     }
 
     fn check_pins(&self, pins: &BTreeMap<String, Pin>) -> Result<(), PluginError> {
-        for (name, pin) in pins {
+        for name in pins.keys() {
             let candidates: Vec<_> = self.plugins.iter().filter(|p| &p.name == name).collect();
             if candidates.is_empty() {
                 return Err(PluginError::PinnedPluginMissing {
@@ -223,14 +241,7 @@ impl PluginRegistry {
                 });
             }
             for p in candidates {
-                if p.sha256 != pin.sha256 {
-                    return Err(PluginError::Sha256Mismatch {
-                        name: name.clone(),
-                        path: p.path.clone(),
-                        expected: pin.sha256.clone(),
-                        actual: p.sha256.clone(),
-                    });
-                }
+                check_pin(p, pins)?;
             }
         }
         Ok(())

@@ -10,5 +10,7 @@ mod services;
 
 pub use discover::{discover, PluginSource, SearchPath};
 pub use error::PluginError;
-pub use loader::{sha256_file, AlgorithmInstance, LoadedPlugin, Pin, PluginRegistry};
+pub use loader::{
+    check_pin, check_pinned_path, sha256_file, AlgorithmInstance, LoadedPlugin, Pin, PluginRegistry,
+};
 pub use services::{LayerState, ModuleForward, PrevOpState, SubsetRun};
