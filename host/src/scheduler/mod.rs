@@ -296,6 +296,15 @@ pub struct Calibration<'a> {
     pub chunk_tokens: usize,
 }
 
+impl Calibration<'_> {
+    /// Values of one forward chunk of hidden states `[tokens, hidden]`: [`Self::chunk_tokens`]
+    /// rounded down to whole sequences, at least one.
+    fn chunk_len(&self, hidden: usize) -> usize {
+        let seqlen = self.windows.seqlen();
+        (self.chunk_tokens / seqlen).max(1) * seqlen * hidden
+    }
+}
+
 /// Receives, block by block, the finished quantized layers and every other tensor the
 /// pipeline changed (the exporter; [`Discard`] for runs that only measure).
 pub trait Sink {
@@ -759,7 +768,7 @@ fn propagate(
     // Σ (y_q − y)², Σ y² per role.
     let mut sums: BTreeMap<LinearRole, (f64, f64)> = BTreeMap::new();
     let seqlen = c.windows.seqlen();
-    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * cfg.hidden_size;
+    let per_chunk = c.chunk_len(cfg.hidden_size);
     for chunk in h.chunks_mut(per_chunk) {
         let n = chunk.len() / (seqlen * cfg.hidden_size);
         let mut reference: BTreeMap<LinearRole, Vec<f32>> = BTreeMap::new();
@@ -842,7 +851,7 @@ fn forward_block(
     // Borrows the block's tensors: no copy of the weights per pass.
     let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
     let seqlen = c.windows.seqlen();
-    let per_chunk = (c.chunk_tokens / seqlen).max(1) * seqlen * model.config.hidden_size;
+    let per_chunk = c.chunk_len(model.config.hidden_size);
     for chunk in h.chunks_mut(per_chunk) {
         let n = chunk.len() / (seqlen * model.config.hidden_size);
         match until {
@@ -937,7 +946,7 @@ fn collect_stats(
                 .map(|(h, x)| (Some(p.at), h, x))
                 .collect(),
             None => h
-                .chunks((c.chunk_tokens / seqlen).max(1) * seqlen * hidden)
+                .chunks(c.chunk_len(hidden))
                 .map(|h| (None, h.to_vec(), Vec::new()))
                 .collect(),
         };
