@@ -78,6 +78,16 @@ fn run_gemm<T: GemmInput>(
     dc.to_vec()
 }
 
+/// `v` in a 16-bit float type.
+fn rounded<T>(v: &[f32], from: fn(f32) -> T) -> Vec<T> {
+    v.iter().map(|&x| from(x)).collect()
+}
+
+/// 16-bit values back in f32 (exact).
+fn widened<T: Copy>(v: &[T], to: fn(T) -> f32) -> Vec<f32> {
+    v.iter().map(|&x| to(x)).collect()
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -142,22 +152,20 @@ fn gemm_equals_the_cpu_reference_bit_for_bit() {
             assert_eq!(bits(&got), bits(&want), "f32 {trans_a:?}{trans_b:?}");
 
             // f16 and bf16 inputs: the reference on the rounded inputs, f32 accumulation.
-            let a16: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
-            let b16: Vec<f16> = b.iter().map(|&x| f16::from_f32(x)).collect();
+            let (a16, b16) = (rounded(&a, f16::from_f32), rounded(&b, f16::from_f32));
             let want = reference(
                 dims,
-                &a16.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-                &b16.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+                &widened(&a16, f16::to_f32),
+                &widened(&b16, f16::to_f32),
             );
             let got = run_gemm(&mut stream, dims, &a16, &b16).unwrap();
             assert_eq!(bits(&got), bits(&want), "f16 {trans_a:?}{trans_b:?}");
 
-            let abf: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
-            let bbf: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            let (abf, bbf) = (rounded(&a, bf16::from_f32), rounded(&b, bf16::from_f32));
             let want = reference(
                 dims,
-                &abf.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-                &bbf.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+                &widened(&abf, bf16::to_f32),
+                &widened(&bbf, bf16::to_f32),
             );
             let got = run_gemm(&mut stream, dims, &abf, &bbf).unwrap();
             assert_eq!(bits(&got), bits(&want), "bf16 {trans_a:?}{trans_b:?}");
