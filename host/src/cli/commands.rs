@@ -22,7 +22,9 @@ use crate::model::Model;
 use crate::plugins::{
     AlgorithmInstance, LoadedPlugin, Pin, PluginError, PluginRegistry, PluginSource, SearchPath,
 };
-use crate::scheduler::{self, Calibration, InRunEval, RunSpec, RunSummary};
+use crate::scheduler::{
+    self, Calibration, Checkpoint, Fingerprint, InRunEval, RunSpec, RunSummary,
+};
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     match (&cli.command, &cli.manifest) {
@@ -44,11 +46,15 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         (Some(Command::Quantize(_)), Some(_)) => bail!(
             "quantize takes no --manifest: it builds its own from --preset (--print-manifest shows it)"
         ),
-        (Some(Command::Quantize(args)), None) => quantize(args, &cli.plugin_dirs, cli.force),
+        (Some(Command::Quantize(args)), None) => {
+            quantize(args, &cli.plugin_dirs, cli.force, cli.resume)
+        }
         (Some(Command::Check), Some(m)) => {
             check(Source::file(m)?, &cli.plugin_dirs, cli.force).map(|_| ())
         }
-        (Some(Command::Run) | None, Some(m)) => run(Source::file(m)?, &cli.plugin_dirs, cli.force),
+        (Some(Command::Run) | None, Some(m)) => {
+            run(Source::file(m)?, &cli.plugin_dirs, cli.force, cli.resume)
+        }
         (Some(Command::Check | Command::Run), None) => {
             bail!("--manifest FILE is required (see docs/manifest.md)")
         }
@@ -426,7 +432,7 @@ fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
 
 /// `gs-host quantize`: the preset expanded with the options into a manifest text, which is
 /// printed (`--print-manifest`), or parsed and run exactly as `--manifest` runs a file.
-fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool) -> Result<()> {
+fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()> {
     let preset = presets::find(&args.preset)?;
     let opts = presets::Options {
         model: args.model.clone(),
@@ -471,6 +477,7 @@ fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool) -> Result<()> {
         },
         dirs,
         force,
+        resume,
     )
 }
 
@@ -562,7 +569,7 @@ fn evaluation_windows(
     Ok(w)
 }
 
-fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
+fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()> {
     let Prepared {
         manifest,
         text,
@@ -583,6 +590,22 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
     };
     let mut export = export::begin(format, &model, &output, &options)
         .with_context(|| format!("cannot write {}", output.display()))?;
+    // Only the stages' results are saved: a run without stages has nothing worth resuming.
+    let checkpoint = if manifest.pipeline.is_empty() {
+        None
+    } else {
+        let fp = fingerprint(&manifest, &text, &model, &stages, windows.as_ref())?;
+        let dir = Checkpoint::dir_for(export.output());
+        let ck = Checkpoint::open(&dir, &fp, model.config.num_hidden_layers, resume)?;
+        if ck.resumable() > 0 {
+            println!(
+                "resuming from {}: blocks 0..{} are replayed from the interrupted run",
+                dir.display(),
+                ck.resumable()
+            );
+        }
+        Some(ck)
+    };
     let device = CpuDevice::new();
     let calibration = windows.as_ref().map(|w| Calibration {
         windows: w,
@@ -606,8 +629,12 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
         require_qparams: format != ExportFormat::Fake,
         calibration: calibration.as_ref(),
         eval: in_run.as_ref(),
+        checkpoint: checkpoint.as_ref(),
     };
-    let summary = scheduler::run(&spec, &mut stages, &mut export)?;
+    let summary = match scheduler::run(&spec, &mut stages, &mut export) {
+        Ok(s) => s,
+        Err(e) => return Err(keep_progress(checkpoint, e.into())),
+    };
     let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
     let provenance = provenance(
         &manifest,
@@ -621,6 +648,13 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
     export.add_file(REPORT_JSON, report.to_json().as_bytes())?;
     export.add_file(REPORT_SVG, report.render_svg()?.as_bytes())?;
     export.finish()?;
+    if let Some(ck) = checkpoint {
+        // The output is committed: the checkpoint is no longer needed.
+        let dir = ck.dir().to_path_buf();
+        if let Err(e) = ck.remove() {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the checkpoint");
+        }
+    }
     let quantized = summary
         .layers
         .iter()
@@ -849,6 +883,71 @@ pub(crate) fn scheme_label(s: &gs_quant::Scheme) -> String {
 /// The run's provenance, written as `gs-run.json` beside the weights.
 /// `text` is the manifest as parsed; `command`, for a `gs-host quantize` run, the command that
 /// expanded it (the text is then recorded too, as no file holds it).
+/// A failed run's error, plus where its finished blocks are saved for `--resume`; a checkpoint
+/// without a finished block is removed.
+fn keep_progress(checkpoint: Option<Checkpoint>, e: anyhow::Error) -> anyhow::Error {
+    let Some(ck) = checkpoint else { return e };
+    match ck.saved() {
+        0 => {
+            let dir = ck.dir().to_path_buf();
+            if let Err(r) = ck.remove() {
+                tracing::warn!(dir = %dir.display(), error = %r, "could not remove the checkpoint");
+            }
+            e
+        }
+        n => e.context(format!(
+            "the run stopped; blocks 0..{n} are saved in {}: fix the cause and rerun with --resume to continue from block {n}",
+            ck.dir().display()
+        )),
+    }
+}
+
+/// What a checkpoint must match to be resumed (see [`Checkpoint`]): the manifest's text, the
+/// model's config and safetensors headers (the weight bytes are not hashed: a 70B model would
+/// take minutes; a same-size in-place edit of tensor data is not detected), the plugins'
+/// libraries and parameters, and the calibration tokens.
+fn fingerprint(
+    manifest: &Manifest,
+    text: &str,
+    model: &Model,
+    stages: &[AlgorithmInstance],
+    calibration: Option<&Windows>,
+) -> Result<Fingerprint> {
+    let hex = |bytes: &[u8]| format!("{:x}", Sha256::digest(bytes));
+    let config_path = model.dir.join(crate::model::CONFIG_FILE);
+    let config = std::fs::read(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut weights = Sha256::new();
+    for shard in model.weights.shards() {
+        weights.update(shard.file_name().as_bytes());
+        weights.update((shard.file_len() as u64).to_le_bytes());
+        weights.update(shard.header_bytes());
+    }
+    let pipeline: Vec<String> = stages
+        .iter()
+        .zip(&manifest.pipeline)
+        .map(|(s, st)| format!("{} {} {}", s.name, s.plugin.sha256, st.params_text()))
+        .collect();
+    let tokens = calibration.map_or_else(String::new, |w| {
+        hex(&w
+            .ids()
+            .iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>())
+    });
+    let parts = [
+        ("gs-host", env!("CARGO_PKG_VERSION").to_string()),
+        ("manifest", hex(text.as_bytes())),
+        ("model config", hex(&config)),
+        ("model weights", format!("{:x}", weights.finalize())),
+        ("plugins", hex(pipeline.join("\n").as_bytes())),
+        ("calibration", tokens),
+    ];
+    Ok(Fingerprint {
+        parts: parts.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    })
+}
+
 fn provenance(
     manifest: &Manifest,
     text: &str,

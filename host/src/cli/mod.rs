@@ -27,6 +27,10 @@ pub struct Cli {
     /// Replace an existing, non-empty output directory.
     #[arg(long, global = true)]
     pub force: bool,
+    /// Continue an interrupted run of the same manifest from the blocks it finished (saved in
+    /// `.<output name>.gs-checkpoint` beside the output).
+    #[arg(long, global = true)]
+    pub resume: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -13,8 +13,9 @@ use super::RUN_RECORD;
 
 /// A staging directory for an output.
 ///
-/// Created by [`Staging::begin`] as `<parent>/.<name>.gs-tmp-<random>` next to the output (so
-/// the final rename stays on one file system). Write everything into [`path`](Staging::path),
+/// Created by [`Staging::begin`] as `<parent>/.<name>.gs-tmp-<pid>-<random>` next to the
+/// output (so the final rename stays on one file system). A process killed before its commit
+/// leaves its staging directory behind; the next export to the same output removes it. Write everything into [`path`](Staging::path),
 /// then [`commit`](Staging::commit). Dropping a `Staging` without committing removes the
 /// staging directory: the output path never holds a half-written result.
 #[derive(Debug)]
@@ -38,6 +39,9 @@ impl Staging {
         let mut prefix = OsString::from(".");
         prefix.push(&name);
         prefix.push(".gs-tmp-");
+        remove_stale_staging(&parent, &prefix);
+        // The pid in the name tells a later run whether the writer is still alive.
+        prefix.push(format!("{}-", std::process::id()));
         let temp = create_unique_dir(&parent, &prefix)?;
         tracing::debug!(output = %output.display(), staging = %temp.display(), "staging output");
         Ok(Staging {
@@ -305,6 +309,41 @@ fn create_unique_dir(parent: &Path, prefix: &OsString) -> Result<PathBuf, Export
     })
 }
 
+/// Removes the staging directories `<parent>/<prefix><pid>-…` of processes that no longer
+/// exist (killed before they committed). Linux only (`/proc`); a directory whose pid is alive,
+/// or cannot be read, is left alone.
+fn remove_stale_staging(parent: &Path, prefix: &OsString) {
+    let proc_dir = Path::new("/proc");
+    if !cfg!(target_os = "linux") || !proc_dir.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = prefix.to_string_lossy();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix.as_ref())) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || proc_dir.join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed the staging directory of an interrupted export")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the staging directory of an interrupted export")
+            }
+        }
+    }
+}
+
 /// A path `<parent>/<prefix><random>` that does not exist at the time of the call.
 fn unused_sibling(parent: &Path, prefix: &OsString) -> PathBuf {
     loop {
@@ -368,6 +407,33 @@ mod tests {
         fs::create_dir(&src).unwrap();
         fs::write(src.join("config.json"), b"{}").unwrap();
         (root, src)
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn staging_left_by_a_dead_process_is_removed_and_a_live_ones_is_not() {
+        let (root, src) = setup();
+        // A pid above the kernel's maximum (2^22) belongs to no process.
+        let dead = root.path().join(".out.gs-tmp-4194305-0123456789abcdef");
+        let alive = root.path().join(format!(".out.gs-tmp-1-{:016x}", 7)); // pid 1 (init) always runs
+        let other = root.path().join(".other.gs-tmp-4194305-0123456789abcdef");
+        for d in [&dead, &alive, &other] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join("half-written.safetensors"), b"x").unwrap();
+        }
+        let st = Staging::begin(&root.path().join("out"), &src, false).unwrap();
+        let name = st
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with(&format!(".out.gs-tmp-{}-", std::process::id())),
+            "{name}"
+        );
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
     }
 
     #[test]

@@ -45,6 +45,10 @@ use crate::plugins::{
 };
 use crate::stats::{Accumulator, InputStats, StatsCache, TapRank};
 
+mod checkpoint;
+
+pub use checkpoint::{BlockState, Checkpoint, CheckpointError, Fingerprint, SavedLayer};
+
 /// Why a scheduled run stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -71,6 +75,8 @@ pub enum ScheduleError {
     Finalize(#[from] FinalizeError),
     #[error("{layer}: its scheme quantizes weights, but no pipeline stage quantized it (set qparams); the output format stores quantized codes, so add a quantizing stage such as `rtn` after the others, or skip the layer in [[quant.override]]")]
     NotQuantized { layer: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{layer}: static activation quantization needs calibration data to measure the input range; add a [calibration] section or use dynamic activations")]
     StaticNeedsCalibration { layer: String },
 }
@@ -115,6 +121,8 @@ pub struct RunSummary {
     /// Forward passes run to compute statistics (one per block unless a transform made
     /// statistics stale and a later stage needed them again).
     pub stats_passes: usize,
+    /// Blocks whose stage result came from the checkpoint of an interrupted run.
+    pub blocks_resumed: usize,
     /// Perplexity of the source model, when the run evaluated the `float` point.
     pub float_nll: Option<Nll>,
     /// Perplexity after the pipeline, when the run evaluated the `fake_quant` point.
@@ -356,6 +364,8 @@ pub struct RunSpec<'a> {
     pub require_qparams: bool,
     pub calibration: Option<&'a Calibration<'a>>,
     pub eval: Option<&'a InRunEval<'a>>,
+    /// Saves each block's stage result, and replays the blocks an interrupted run saved.
+    pub checkpoint: Option<&'a Checkpoint>,
 }
 
 /// Runs `stages` over every block; the sink receives each block's quantized layers and other
@@ -426,72 +436,92 @@ pub fn run(
             (Some(c), Some(h)) => Some((c, h)),
             _ => None,
         };
-        for (k, stage) in stages.iter_mut().enumerate() {
-            for (si, subset) in subsets.iter().enumerate() {
-                let _s = tracing::debug_span!("subset", subset = %subset.name).entered();
-                let needed = stage.required;
-                if let Some((c, h)) = calib.as_mut() {
-                    if cache.needs(&subset.name, needed) {
-                        // A stage that changes weights makes the later subsets' inputs stale:
-                        // compute only this subset's tap for it.
-                        let only = modifies[k].then_some(subset.tap);
-                        collect_stats(
-                            model,
-                            family,
-                            block,
-                            &subsets,
-                            &tensors,
-                            c,
-                            h,
-                            request,
-                            only,
-                            &mut cache,
-                            &mut paused,
-                        )?;
-                        summary.stats_passes += 1;
+        let restored = match spec.checkpoint {
+            Some(ck) => ck.load(block)?,
+            None => None,
+        };
+        if let Some(state) = restored {
+            // An interrupted run finished this block's stages: replay their result.
+            restore_block(
+                spec,
+                block,
+                &mut tensors,
+                &mut reports,
+                &mut modifies,
+                state,
+            )?;
+            summary.blocks_resumed += 1;
+        } else {
+            for (k, stage) in stages.iter_mut().enumerate() {
+                for (si, subset) in subsets.iter().enumerate() {
+                    let _s = tracing::debug_span!("subset", subset = %subset.name).entered();
+                    let needed = stage.required;
+                    if let Some((c, h)) = calib.as_mut() {
+                        if cache.needs(&subset.name, needed) {
+                            // A stage that changes weights makes the later subsets' inputs stale:
+                            // compute only this subset's tap for it.
+                            let only = modifies[k].then_some(subset.tap);
+                            collect_stats(
+                                model,
+                                family,
+                                block,
+                                &subsets,
+                                &tensors,
+                                c,
+                                h,
+                                request,
+                                only,
+                                &mut cache,
+                                &mut paused,
+                            )?;
+                            summary.stats_passes += 1;
+                        }
+                    }
+                    let stats = if needed.is_empty() {
+                        None
+                    } else {
+                        cache.get(&subsets[si].name, needed)
+                    };
+                    let mut run = subset_run(model, plan, block, subset, &mut tensors)?;
+                    run.stats = stats.map(|s| s as &dyn crate::stats::SubsetStats);
+                    let module = calib.as_ref().map(|(c, h)| InspectedModule {
+                        model,
+                        family,
+                        block,
+                        subset,
+                        tensors: &tensors,
+                        calibration: c,
+                        block_input: h,
+                        input: OnceCell::new(),
+                        weights: OnceCell::new(),
+                    });
+                    run.forward = module.as_ref().map(|m| m as &dyn ModuleForward);
+                    stage.transform(&mut run)?;
+                    // Keep only what the stage changed; the borrows of `tensors` end here.
+                    let SubsetRun {
+                        layers, prev_op, ..
+                    } = run;
+                    drop(module);
+                    let changed =
+                        write_back(family, block, &mut tensors, &mut reports, layers, prev_op);
+                    modifies[k] |= !changed.is_empty();
+                    if let Some(from) = changed
+                        .iter()
+                        .filter_map(|t| invalidates_from(family, block, t))
+                        .min()
+                    {
+                        if paused.as_ref().is_some_and(|p| p.at.rank() >= from) {
+                            paused = None;
+                        }
+                        let dropped = cache.invalidate_from(from);
+                        if !dropped.is_empty() {
+                            tracing::debug!(?dropped, "statistics made stale by {}", stage.name);
+                        }
                     }
                 }
-                let stats = if needed.is_empty() {
-                    None
-                } else {
-                    cache.get(&subsets[si].name, needed)
-                };
-                let mut run = subset_run(model, plan, block, subset, &mut tensors)?;
-                run.stats = stats.map(|s| s as &dyn crate::stats::SubsetStats);
-                let module = calib.as_ref().map(|(c, h)| InspectedModule {
-                    model,
-                    family,
-                    block,
-                    subset,
-                    tensors: &tensors,
-                    calibration: c,
-                    block_input: h,
-                    input: OnceCell::new(),
-                    weights: OnceCell::new(),
-                });
-                run.forward = module.as_ref().map(|m| m as &dyn ModuleForward);
-                stage.transform(&mut run)?;
-                // Keep only what the stage changed; the borrows of `tensors` end here.
-                let SubsetRun {
-                    layers, prev_op, ..
-                } = run;
-                drop(module);
-                let changed =
-                    write_back(family, block, &mut tensors, &mut reports, layers, prev_op);
-                modifies[k] |= !changed.is_empty();
-                if let Some(from) = changed
-                    .iter()
-                    .filter_map(|t| invalidates_from(family, block, t))
-                    .min()
-                {
-                    if paused.as_ref().is_some_and(|p| p.at.rank() >= from) {
-                        paused = None;
-                    }
-                    let dropped = cache.invalidate_from(from);
-                    if !dropped.is_empty() {
-                        tracing::debug!(?dropped, "statistics made stale by {}", stage.name);
-                    }
-                }
+            }
+            if let Some(ck) = spec.checkpoint {
+                ck.save(block, &saved_block(&tensors, &reports, &modifies))?;
             }
         }
         let finished = finalize_block(
@@ -1199,6 +1229,80 @@ fn subset_run<'a>(
 
 /// Moves what a stage changed back into the block's tensors and the layer reports; returns
 /// the names of the tensors that changed.
+/// The stage result of a block for the checkpoint: the tensors the stages changed and every
+/// layer report as they left it (finalization has not run yet).
+fn saved_block(
+    tensors: &BlockTensors<'_>,
+    reports: &BTreeMap<String, LayerReport>,
+    modifies: &[bool],
+) -> BlockState {
+    BlockState {
+        tensors: tensors
+            .changed
+            .iter()
+            .filter(|(_, c)| **c)
+            .filter_map(|(n, _)| Some((n.clone(), tensors.values.get(n)?.clone())))
+            .collect(),
+        layers: reports
+            .values()
+            .map(|r| SavedLayer {
+                name: r.name.clone(),
+                qparams: r.qparams.clone(),
+                metrics: r.metrics.clone(),
+            })
+            .collect(),
+        modifies: modifies.to_vec(),
+    }
+}
+
+/// Puts a saved stage result back as [`write_back`] left it after the last stage.
+fn restore_block(
+    spec: &RunSpec<'_>,
+    block: usize,
+    tensors: &mut BlockTensors<'_>,
+    reports: &mut BTreeMap<String, LayerReport>,
+    modifies: &mut [bool],
+    state: BlockState,
+) -> Result<(), ScheduleError> {
+    let prefix = format!("{}.", spec.family.block_prefix(block));
+    for (name, values) in state.tensors {
+        let expected = spec.model.weights.info(&name)?.numel();
+        if !name.starts_with(&prefix) || values.len() != expected {
+            return Err(CheckpointError::Corrupt {
+                path: spec
+                    .checkpoint
+                    .map(|c| c.dir().to_path_buf())
+                    .unwrap_or_default(),
+                message: format!(
+                    "block {block}: saved tensor {name} has {} values, the model's has {expected}",
+                    values.len()
+                ),
+            }
+            .into());
+        }
+        tensors.put(&name, values);
+    }
+    for l in state.layers {
+        reports.insert(
+            l.name.clone(),
+            LayerReport {
+                block,
+                role: role_in_block(spec.family, block, &l.name),
+                scheme: spec.plan.scheme_for(&l.name),
+                qparams: l.qparams,
+                metrics: l.metrics,
+                input: None,
+                rel_output_error: None,
+                name: l.name,
+            },
+        );
+    }
+    if state.modifies.len() == modifies.len() {
+        modifies.copy_from_slice(&state.modifies);
+    }
+    Ok(())
+}
+
 fn write_back(
     family: &Family,
     block: usize,

@@ -2,16 +2,28 @@
 
 use gs_plugin_api::{export_plugin, Algorithm, PluginError, Subset};
 
-/// Panics inside `transform`.
-pub struct Panics;
+/// Panics inside `transform`, in every block from `from_block = N` (default 0) on.
+pub struct Panics {
+    from_block: usize,
+}
 impl Algorithm for Panics {
     const NAME: &'static str = "test_panic";
     const SUMMARY: &'static str = "panics in transform";
-    fn from_params(_: &str) -> Result<Self, PluginError> {
-        Ok(Panics)
+    fn from_params(text: &str) -> Result<Self, PluginError> {
+        // A one-key test parameter: no TOML parser needed.
+        let from_block = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("from_block"))
+            .filter_map(|r| r.trim().strip_prefix('='))
+            .find_map(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Panics { from_block })
     }
     fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
-        panic!("deliberate panic in block {}", subset.block());
+        if subset.block() >= self.from_block {
+            panic!("deliberate panic in block {}", subset.block());
+        }
+        Ok(())
     }
 }
 
