@@ -221,6 +221,47 @@ fn a_wrong_shape_result_is_refused() {
 }
 
 #[test]
+fn a_plugin_that_writes_into_a_read_only_tensor_is_refused() {
+    let e = run_failing("test_write_readonly");
+    assert!(
+        e.contains("test_write_readonly")
+            && e.contains("wrote into the weight of model.layers.0.self_attn.k_proj")
+            && e.contains("read-only"),
+        "{e}"
+    );
+}
+
+#[test]
+fn plugin_log_messages_are_rate_limited() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(
+        work.path(),
+        &manifest_text(
+            &stories260k(),
+            &out,
+            "[[pipeline]]\nalgorithm = \"test_log_flood\"",
+        ),
+    );
+    let dir = misbehave_plugin().parent().unwrap().to_str().unwrap();
+    let o = gs_host(
+        work.path(),
+        &["--manifest", m.to_str().unwrap(), "--plugin-dir", dir],
+    );
+    let err = stderr(&o);
+    let flood = err.lines().filter(|l| l.contains("flood message")).count();
+    // 10 000 messages in well under a second: the burst of 50 passes, the rest are dropped
+    // (a slow machine may let a few more through at 10 per second).
+    assert!((50..=70).contains(&flood), "{flood} lines:\n{err}");
+    assert!(err.contains("flood message 0") && !err.contains("flood message 9999"));
+    let dropped = 10_000 - flood;
+    assert!(
+        err.contains(&format!("{dropped} log messages dropped")),
+        "{err}"
+    );
+}
+
+#[test]
 fn qparams_for_a_norm_prev_op_are_refused() {
     // Only a linear prev_op that an earlier subset quantized has qparams (plugin-api 1.2).
     let e = run_failing("test_norm_qparams");

@@ -1,6 +1,7 @@
 //! The host side of the ABI: the services table and the per-subset context behind it.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
@@ -82,6 +83,78 @@ struct CallCtx<'r, 'a> {
     info: SubsetInfo,
     /// Calls the host refused: the stage fails even if the plugin ignores the error.
     rejected: RefCell<Vec<String>>,
+    /// The read-only slices handed out in this call, checked after it (see [`Lent`]).
+    lent: RefCell<Vec<Lent>>,
+}
+
+/// A read-only slice of host memory lent to a plugin, with a digest of its contents when
+/// lent. Plugins can change host tensors only through the setters; a plugin that writes
+/// through a lent pointer (a C plugin working in place, say) is caught when the host checks
+/// the digest again — before a setter replaces the buffer, and after the call — and its
+/// results are refused. Native code could still write elsewhere: this is an integrity check
+/// against bugs, not a sandbox (docs/SECURITY.md).
+struct Lent {
+    what: String,
+    ptr: usize,
+    len: usize,
+    digest: u64,
+}
+
+impl Lent {
+    fn unchanged(&self) -> bool {
+        // SAFETY: the buffer is alive: entries are checked and dropped before a setter replaces
+        // their buffer, and the call's buffers outlive the call.
+        let v = unsafe { std::slice::from_raw_parts(self.ptr as *const f32, self.len) };
+        digest(v) == self.digest
+    }
+}
+
+/// A fast 64-bit digest of the bit patterns of `v` (multiply-xor over 2 lanes; collisions
+/// only matter for an accidental write, not against an adversary).
+fn digest(v: &[f32]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = [0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344];
+    for pair in v.chunks(2) {
+        for (lane, x) in h.iter_mut().zip(pair) {
+            *lane = (*lane ^ u64::from(x.to_bits()))
+                .wrapping_mul(K)
+                .rotate_left(29);
+        }
+    }
+    (h[0] ^ h[1].rotate_left(17)).wrapping_mul(K) ^ v.len() as u64
+}
+
+impl CallCtx<'_, '_> {
+    /// `v` as a slice for the plugin, remembered with its digest (once per buffer).
+    fn lend(&self, what: impl FnOnce() -> String, v: &[f32]) -> RSlice<'static, f32> {
+        let ptr = v.as_ptr() as usize;
+        let mut lent = self.lent.borrow_mut();
+        if !lent.iter().any(|l| l.ptr == ptr && l.len == v.len()) {
+            lent.push(Lent {
+                what: what(),
+                ptr,
+                len: v.len(),
+                digest: digest(v),
+            });
+        }
+        static_slice(v)
+    }
+
+    /// Before `v`'s buffer is replaced or dropped: checks and forgets its lent entry.
+    fn release(&self, v: &[f32]) {
+        let ptr = v.as_ptr() as usize;
+        let mut lent = self.lent.borrow_mut();
+        if let Some(k) = lent.iter().position(|l| l.ptr == ptr && l.len == v.len()) {
+            let l = lent.swap_remove(k);
+            if !l.unchanged() {
+                self.rejected.borrow_mut().push(modified_in_place(&l.what));
+            }
+        }
+    }
+}
+
+fn modified_in_place(what: &str) -> String {
+    format!("it wrote into {what} through the read-only slice the host lent (use the setters to change tensors)")
 }
 
 impl AlgorithmInstance {
@@ -103,6 +176,7 @@ impl AlgorithmInstance {
             algorithm: &self.name,
             info,
             rejected: RefCell::new(Vec::new()),
+            lent: RefCell::new(Vec::new()),
         };
         let handle = SubsetHandle {
             services: services().0.to_raw_ptr() as *const c_void,
@@ -116,6 +190,12 @@ impl AlgorithmInstance {
             message,
         };
         let result = self.obj.transform_subset(handle).into_result();
+        log_flush(&plugin_name, &self.name);
+        for l in ctx.lent.take() {
+            if !l.unchanged() {
+                ctx.rejected.borrow_mut().push(modified_in_place(&l.what));
+            }
+        }
         if let Err(e) = result {
             return Err(fail(e.to_string()));
         }
@@ -213,9 +293,71 @@ fn static_slice<T>(v: &[T]) -> RSlice<'static, T> {
     unsafe { RSlice::from_raw_parts(v.as_ptr(), v.len()) }
 }
 
+/// Plugin log messages per algorithm: a burst of [`LOG_BURST`], then [`LOG_PER_SECOND`]. A
+/// plugin logging in a loop cannot flood the terminal or the log files; what is dropped is
+/// counted and reported with the next message that passes.
+const LOG_BURST: f64 = 50.0;
+const LOG_PER_SECOND: f64 = 10.0;
+
+struct LogBucket {
+    tokens: f64,
+    last: std::time::Instant,
+    dropped: u64,
+}
+
+fn log_buckets() -> std::sync::MutexGuard<'static, HashMap<String, LogBucket>> {
+    static BUCKETS: OnceLock<std::sync::Mutex<HashMap<String, LogBucket>>> = OnceLock::new();
+    BUCKETS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn log_dropped(plugin: &str, algorithm: &str, dropped: u64) {
+    tracing::warn!(target: "gs_plugin", plugin, algorithm, "{dropped} log messages dropped (a plugin may log {LOG_BURST} messages at once, then {LOG_PER_SECOND} per second)");
+}
+
+/// Reports the messages of `plugin/algorithm` dropped since the last one that passed (at the
+/// end of each call, so a flood is reported even if nothing follows it).
+fn log_flush(plugin: &str, algorithm: &str) {
+    let dropped = log_buckets()
+        .get_mut(&format!("{plugin}/{algorithm}"))
+        .map_or(0, |b| std::mem::take(&mut b.dropped));
+    if dropped > 0 {
+        log_dropped(plugin, algorithm, dropped);
+    }
+}
+
+/// `Some(dropped before this one)` when a message of `key` may be logged now.
+fn log_allowed(key: &str) -> Option<u64> {
+    let mut buckets = log_buckets();
+    let now = std::time::Instant::now();
+    let b = buckets.entry(key.to_string()).or_insert(LogBucket {
+        tokens: LOG_BURST,
+        last: now,
+        dropped: 0,
+    });
+    b.tokens =
+        (b.tokens + now.duration_since(b.last).as_secs_f64() * LOG_PER_SECOND).min(LOG_BURST);
+    b.last = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        Some(std::mem::take(&mut b.dropped))
+    } else {
+        b.dropped += 1;
+        None
+    }
+}
+
 extern "C" fn log(ctx: *const c_void, level: LogLevel, message: RStr<'_>) {
     let _ = serve(ctx, |c| {
         let (p, a, m) = (c.plugin, c.algorithm, message.as_str());
+        let Some(dropped) = log_allowed(&format!("{p}/{a}")) else {
+            return Ok(());
+        };
+        if dropped > 0 {
+            log_dropped(p, a, dropped);
+        }
         match level {
             LogLevel::ERROR => {
                 tracing::error!(target: "gs_plugin", plugin = p, algorithm = a, "{m}")
@@ -255,7 +397,9 @@ extern "C" fn layer_info(ctx: *const c_void, i: u32) -> RResult<LayerInfo, AbiEr
 extern "C" fn layer_weight(ctx: *const c_void, i: u32) -> RResult<RSlice<'static, f32>, AbiError> {
     serve(ctx, |c| {
         let i = layer_index(c, i)?;
-        Ok(static_slice(&c.run.borrow().layers[i].weight))
+        let run = c.run.borrow();
+        let l = &run.layers[i];
+        Ok(c.lend(|| format!("the weight of {}", l.name), &l.weight))
     })
 }
 
@@ -265,8 +409,10 @@ extern "C" fn layer_bias(
 ) -> RResult<ROption<RSlice<'static, f32>>, AbiError> {
     serve(ctx, |c| {
         let i = layer_index(c, i)?;
-        Ok(match &c.run.borrow().layers[i].bias {
-            Some(b) => RSome(static_slice(b)),
+        let run = c.run.borrow();
+        let l = &run.layers[i];
+        Ok(match &l.bias {
+            Some(b) => RSome(c.lend(|| format!("the bias of {}", l.name), b)),
             None => RNone,
         })
     })
@@ -285,6 +431,7 @@ extern "C" fn set_layer_weight(
             (l.name.clone(), l.out_features * l.in_features)
         };
         let w = check_values(&format!("weight of {name}"), weight.as_slice(), n)?;
+        c.release(&c.run.borrow().layers[i].weight);
         let mut run = c.run.borrow_mut();
         run.layers[i].weight = w;
         run.layers[i].weight_changed = true;
@@ -310,6 +457,9 @@ extern "C" fn set_layer_bias(
             )));
         }
         let b = check_values(&format!("bias of {name}"), bias.as_slice(), n)?;
+        if let Some(old) = &c.run.borrow().layers[i].bias {
+            c.release(old);
+        }
         let mut run = c.run.borrow_mut();
         run.layers[i].bias = Some(b);
         run.layers[i].bias_changed = true;
@@ -326,7 +476,7 @@ fn no_prev_op(c: &CallCtx) -> AbiError {
 
 extern "C" fn prev_op_weight(ctx: *const c_void) -> RResult<RSlice<'static, f32>, AbiError> {
     serve(ctx, |c| match &c.run.borrow().prev_op {
-        Some(p) => Ok(static_slice(&p.weight)),
+        Some(p) => Ok(c.lend(|| format!("the weight of {}", p.name), &p.weight)),
         None => Err(no_prev_op(c)),
     })
 }
@@ -341,6 +491,9 @@ extern "C" fn set_prev_op_weight(
             None => return Err(no_prev_op(c)),
         };
         let w = check_values(&format!("weight of {name}"), weight.as_slice(), n)?;
+        if let Some(p) = &c.run.borrow().prev_op {
+            c.release(&p.weight);
+        }
         let mut run = c.run.borrow_mut();
         if let Some(p) = run.prev_op.as_mut() {
             p.weight = w;
@@ -363,7 +516,12 @@ extern "C" fn stat(ctx: *const c_void, kind: StatKind) -> RResult<RSlice<'static
         let stats = run.stats.ok_or_else(|| no_stats(c))?;
         stats
             .get(kind)
-            .map(static_slice)
+            .map(|v| {
+                c.lend(
+                    || format!("statistic {} of subset `{}`", kind.name(), c.info.name),
+                    v,
+                )
+            })
             .map_err(|m| AbiError::not_available(format!("statistic {}: {m}", kind.name())))
     })
 }

@@ -56,6 +56,42 @@ impl Algorithm for WritesNan {
     }
 }
 
+/// Writes into the weight slice the host lent read-only (as a C plugin working in place
+/// might), then reports success.
+pub struct WritesReadOnly;
+impl Algorithm for WritesReadOnly {
+    const NAME: &'static str = "test_write_readonly";
+    const SUMMARY: &'static str = "writes through the read-only weight slice";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(WritesReadOnly)
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        let w = subset.weight(1)?;
+        // SAFETY (for this test only): the host's buffer is writable memory and nothing reads
+        // it during the call; the point is to show the host notices.
+        unsafe { *(w.as_ptr() as *mut f32).add(3) += 1.0 };
+        Ok(())
+    }
+}
+
+/// Logs 10 000 warnings in the first subset, then does nothing.
+pub struct LogFlood;
+impl Algorithm for LogFlood {
+    const NAME: &'static str = "test_log_flood";
+    const SUMMARY: &'static str = "logs in a loop";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(LogFlood)
+    }
+    fn transform(&mut self, subset: &mut Subset<'_>) -> Result<(), PluginError> {
+        if subset.block() == 0 && subset.name() == "qkv" {
+            for i in 0..10_000 {
+                subset.warn(&format!("flood message {i}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Returns a weight one element short.
 pub struct WrongShape;
 impl Algorithm for WrongShape {
@@ -192,6 +228,8 @@ export_plugin! {
         Panics,
         PanicsOnCreate,
         WritesNan,
+        WritesReadOnly,
+        LogFlood,
         WrongShape,
         NeedsStats,
         StatsProbe,
