@@ -109,19 +109,28 @@ impl Lent {
     }
 }
 
-/// A fast 64-bit digest of the bit patterns of `v` (multiply-xor over 2 lanes; collisions
-/// only matter for an accidental write, not against an adversary).
+/// A fast 64-bit digest of the bit patterns of `v`: multiply-xor over 4 independent lanes
+/// (about one multiply per value; collisions only matter for an accidental write, not against
+/// an adversary).
 fn digest(v: &[f32]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = [0x243F_6A88_85A3_08D3u64, 0x1319_8A2E_0370_7344];
-    for pair in v.chunks(2) {
-        for (lane, x) in h.iter_mut().zip(pair) {
+    let mut h = [
+        0x243F_6A88_85A3_08D3u64,
+        0x1319_8A2E_0370_7344,
+        0xA409_3822_299F_31D0,
+        0x082E_FA98_EC4E_6C89,
+    ];
+    for quad in v.chunks(4) {
+        for (lane, x) in h.iter_mut().zip(quad) {
             *lane = (*lane ^ u64::from(x.to_bits()))
                 .wrapping_mul(K)
                 .rotate_left(29);
         }
     }
-    (h[0] ^ h[1].rotate_left(17)).wrapping_mul(K) ^ v.len() as u64
+    let folded = h
+        .iter()
+        .fold(0u64, |acc, l| (acc ^ l).wrapping_mul(K).rotate_left(17));
+    folded ^ v.len() as u64
 }
 
 impl CallCtx<'_, '_> {
