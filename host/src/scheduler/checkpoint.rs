@@ -3,8 +3,8 @@
 //! crashed continues with `--resume` from the first block not saved instead of block 0.
 //!
 //! Only the stage result is saved, not the activations: a resumed run replays each saved block
-//! (restores the tensors and qparams, then finalizes, measures and propagates it as usual),
-//! which costs a forward per block instead of the statistics and solves. Since finalization
+//! (restores the tensors, qparams and measured errors, then finalizes and propagates it as
+//! usual), which costs a forward per block instead of the statistics and solves. Since finalization
 //! and the forward are deterministic, a resumed run writes the same bytes as an uninterrupted
 //! one.
 //!
@@ -128,6 +128,8 @@ impl Checkpoint {
     /// - No checkpoint there: a new one is started (`--resume` then starts from block 0).
     /// - One of the same run: with `resume`, its verified blocks are reused; without, refused
     ///   ([`CheckpointError::ResumeAvailable`]): hours of work are never dropped silently.
+    ///   (Unless every block is saved: then the run got past its last block, and likely past
+    ///   its commit — the checkpoint is removed right after — so a plain run replaces it.)
     /// - One of another run: with `resume`, refused, naming what changed; without, replaced.
     pub fn open(
         dir: &Path,
@@ -158,7 +160,9 @@ impl Checkpoint {
                     tracing::info!(dir = %dir.display(), blocks = ck.resumable, "resuming: blocks saved by the interrupted run are replayed");
                     return Ok(ck);
                 }
-                if ck.resumable > 0 {
+                // A checkpoint with every block saved is most likely that of a run killed
+                // after its commit: not worth refusing a plain run for.
+                if ck.resumable > 0 && ck.resumable < blocks {
                     return Err(CheckpointError::ResumeAvailable {
                         dir: dir.to_path_buf(),
                         done: ck.resumable,
@@ -301,14 +305,25 @@ pub struct SavedLayer {
     pub qparams: Option<QParams>,
     /// `(algorithm, key, value)`.
     pub metrics: Vec<(String, String, f64)>,
+    /// The measured output error (saved so a replay need not run the float block).
+    pub rel_output_error: Option<f64>,
 }
 
-/// What the stages produced for one block: every tensor they changed (f32, before the
-/// format's rounding), the qparams and metrics of each layer they saw, and which stages
+/// A changed tensor as kept: a weight on its layer's integer grid as i8 codes (a quarter of
+/// the f32 size), anything else as f32.
+#[derive(Debug, Clone, PartialEq)]
+enum Stored {
+    F32(Vec<f32>),
+    /// Codes under the qparams of the tensor's layer; dequantize to the exact f32 weights.
+    Codes(Vec<i8>),
+}
+
+/// What the stages produced for one block: every tensor they changed (before the format's
+/// rounding), the qparams, metrics and output error of each layer they saw, and which stages
 /// changed weights.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BlockState {
-    pub tensors: BTreeMap<String, Vec<f32>>,
+    tensors: BTreeMap<String, Stored>,
     pub layers: Vec<SavedLayer>,
     pub modifies: Vec<bool>,
 }
@@ -318,30 +333,99 @@ const CODES: &str = "#codes";
 const SCALES: &str = "#scales";
 const ZEROS: &str = "#zeros";
 
+/// The qparams of each layer's weight tensor (`<layer>.weight`).
+fn weight_qparams(layers: &[SavedLayer]) -> BTreeMap<String, &QParams> {
+    layers
+        .iter()
+        .filter_map(|l| Some((format!("{}.weight", l.name), l.qparams.as_ref()?)))
+        .collect()
+}
+
+fn f64_hex(v: f64) -> String {
+    format!("{:016x}", v.to_bits())
+}
+
+fn hex_f64(v: &Value) -> Option<f64> {
+    u64::from_str_radix(v.as_str()?, 16)
+        .ok()
+        .map(f64::from_bits)
+}
+
 impl BlockState {
-    /// The file bytes. A changed weight that its layer's integer qparams reproduce exactly is
-    /// stored as i8 codes (a quarter of the f32 size); everything else as f32.
-    fn encode(&self) -> Result<Vec<u8>, String> {
-        let qparams: BTreeMap<String, &QParams> = self
-            .layers
-            .iter()
-            .filter_map(|l| Some((format!("{}.weight", l.name), l.qparams.as_ref()?)))
+    /// The stage result of `tensors` (name, values) and `layers`; weights on their layer's
+    /// grid are kept as codes right away, so holding a state costs little memory.
+    pub fn capture<'t>(
+        tensors: impl IntoIterator<Item = (&'t str, &'t [f32])>,
+        layers: Vec<SavedLayer>,
+        modifies: Vec<bool>,
+    ) -> BlockState {
+        let qparams = weight_qparams(&layers);
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, v)| {
+                let stored = match qparams.get(name).and_then(|qp| exact_codes(v, qp)) {
+                    Some(codes) => Stored::Codes(codes),
+                    None => Stored::F32(v.to_vec()),
+                };
+                (name.to_string(), stored)
+            })
             .collect();
+        BlockState {
+            tensors,
+            layers,
+            modifies,
+        }
+    }
+
+    /// The changed tensors in f32, exactly as the stages left them.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Vec<f32>>, String> {
+        let qparams = weight_qparams(&self.layers);
+        self.tensors
+            .iter()
+            .map(|(name, stored)| {
+                let values = match stored {
+                    Stored::F32(v) => v.clone(),
+                    Stored::Codes(codes) => {
+                        let qp = qparams
+                            .get(name)
+                            .ok_or_else(|| format!("{name}: codes without qparams"))?;
+                        dequantize_int(codes, qp).map_err(|e| format!("{name}: {e}"))?
+                    }
+                };
+                Ok((name.clone(), values))
+            })
+            .collect()
+    }
+
+    /// The file bytes.
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let qparams = weight_qparams(&self.layers);
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, v) in &self.tensors {
-            if let Some(codes) = qparams.get(name).and_then(|qp| exact_codes(v, qp)) {
-                let (rows, cols) = (qparams[name].rows, qparams[name].cols);
-                let bytes = codes.iter().map(|&c| c as u8).collect();
-                owned.push((format!("{name}{CODES}"), Dtype::I8, vec![rows, cols], bytes));
-            } else {
-                owned.push((name.clone(), Dtype::F32, vec![v.len()], f32_bytes(v)));
+        for (name, stored) in &self.tensors {
+            match stored {
+                Stored::Codes(codes) => {
+                    let qp = qparams
+                        .get(name)
+                        .ok_or_else(|| format!("{name}: codes without qparams"))?;
+                    let bytes = codes.iter().map(|&c| c as u8).collect();
+                    owned.push((
+                        format!("{name}{CODES}"),
+                        Dtype::I8,
+                        vec![qp.rows, qp.cols],
+                        bytes,
+                    ));
+                }
+                Stored::F32(v) => {
+                    owned.push((name.clone(), Dtype::F32, vec![v.len()], f32_bytes(v)))
+                }
             }
         }
         let mut layers = Vec::new();
         for l in &self.layers {
             let mut entry = json!({
                 "name": l.name,
-                "metrics": l.metrics.iter().map(|(a, k, v)| json!([a, k, format!("{:016x}", v.to_bits())])).collect::<Vec<_>>(),
+                "metrics": l.metrics.iter().map(|(a, k, v)| json!([a, k, f64_hex(*v)])).collect::<Vec<_>>(),
+                "rel_output_error": l.rel_output_error.map(f64_hex),
             });
             if let Some(qp) = &l.qparams {
                 entry["granularity"] = json!(granularity_text(qp.granularity));
@@ -407,11 +491,10 @@ impl BlockState {
                 .ok_or("a layer without metrics")?
                 .iter()
                 .map(|m| {
-                    let bits = m[2].as_str().and_then(|s| u64::from_str_radix(s, 16).ok());
                     Some((
                         m[0].as_str()?.to_string(),
                         m[1].as_str()?.to_string(),
-                        f64::from_bits(bits?),
+                        hex_f64(&m[2])?,
                     ))
                 })
                 .collect::<Option<Vec<_>>>()
@@ -441,35 +524,47 @@ impl BlockState {
                     )
                 }
             };
+            let rel_output_error = match &l["rel_output_error"] {
+                Value::Null => None,
+                v => Some(hex_f64(v).ok_or_else(|| format!("{name}: malformed output error"))?),
+            };
             state.layers.push(SavedLayer {
                 name,
                 qparams,
                 metrics,
+                rel_output_error,
             });
         }
-        let qparams: BTreeMap<String, &QParams> = state
-            .layers
-            .iter()
-            .filter_map(|l| Some((format!("{}.weight", l.name), l.qparams.as_ref()?)))
-            .collect();
+        let qparams = weight_qparams(&state.layers);
         for name in st.names() {
             if name.ends_with(SCALES) || name.ends_with(ZEROS) {
                 continue;
             }
             let t = tensor(name)?;
-            let values = match name.strip_suffix(CODES) {
+            match name.strip_suffix(CODES) {
                 Some(weight) => {
                     let qp = qparams
                         .get(weight)
                         .ok_or_else(|| format!("{name}: no qparams for its layer"))?;
-                    let codes: Vec<i8> = t.data().iter().map(|&b| b as i8).collect();
-                    let w = dequantize_int(&codes, qp).map_err(|e| format!("{name}: {e}"))?;
-                    state.tensors.insert(weight.to_string(), w);
-                    continue;
+                    if t.data().len() != qp.rows * qp.cols {
+                        return Err(format!(
+                            "{name}: {} codes for a [{}, {}] layer",
+                            t.data().len(),
+                            qp.rows,
+                            qp.cols
+                        ));
+                    }
+                    let codes = t.data().iter().map(|&b| b as i8).collect();
+                    state
+                        .tensors
+                        .insert(weight.to_string(), Stored::Codes(codes));
                 }
-                None => f32_values(t.data()),
-            };
-            state.tensors.insert(name.to_string(), values);
+                None => {
+                    state
+                        .tensors
+                        .insert(name.to_string(), Stored::F32(f32_values(t.data())));
+                }
+            }
         }
         Ok(state)
     }
@@ -542,34 +637,35 @@ mod tests {
         let w = dequantize_int(&[1, -2, 3, 0, 4, -4, 2, 1], &qp).unwrap();
         // An asymmetric grouped layer whose weight is off the grid: stored as f32.
         let qp2 = QParams::new(Granularity::Group(2), 1, 4, vec![0.1, 0.2], vec![-3, 5]).unwrap();
-        BlockState {
-            tensors: BTreeMap::from([
-                ("b.0.q.weight".to_string(), w),
-                (
-                    "b.0.k.weight".to_string(),
-                    vec![0.1, 0.2, 0.3, f32::MIN_POSITIVE],
-                ),
-                ("b.0.norm.weight".to_string(), vec![1.5, -0.0]),
-            ]),
-            layers: vec![
+        let tensors = [
+            ("b.0.q.weight", w),
+            ("b.0.k.weight", vec![0.1, 0.2, 0.3, f32::MIN_POSITIVE]),
+            ("b.0.norm.weight", vec![1.5, -0.0]),
+        ];
+        BlockState::capture(
+            tensors.iter().map(|(n, v)| (*n, v.as_slice())),
+            vec![
                 SavedLayer {
                     name: "b.0.q".into(),
                     qparams: Some(qp),
                     metrics: vec![("gptq".into(), "loss".into(), 0.1 + 0.2)],
+                    rel_output_error: Some(0.07),
                 },
                 SavedLayer {
                     name: "b.0.k".into(),
                     qparams: Some(qp2),
                     metrics: vec![("x".into(), "nan".into(), f64::NAN)],
+                    rel_output_error: None,
                 },
                 SavedLayer {
                     name: "b.0.v".into(),
                     qparams: None,
                     metrics: vec![],
+                    rel_output_error: Some(f64::MIN_POSITIVE),
                 },
             ],
-            modifies: vec![true, false],
-        }
+            vec![true, false],
+        )
     }
 
     #[test]
@@ -580,9 +676,11 @@ mod tests {
         assert_eq!(st.tensor("b.0.q.weight#codes").unwrap().dtype(), Dtype::I8);
         assert_eq!(st.tensor("b.0.k.weight").unwrap().dtype(), Dtype::F32);
         let back = BlockState::decode(&bytes).unwrap();
-        for (name, v) in &s.tensors {
+        let (want, got) = (s.tensors().unwrap(), back.tensors().unwrap());
+        assert_eq!(want.len(), 3);
+        for (name, v) in &want {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(v), bits(&back.tensors[name]), "{name}");
+            assert_eq!(bits(v), bits(&got[name]), "{name}");
         }
         assert_eq!(back.layers[0], s.layers[0]);
         assert_eq!(back.layers[1].qparams, s.layers[1].qparams);
@@ -618,8 +716,19 @@ mod tests {
         fs::write(&f, bytes).unwrap();
         let ck = Checkpoint::open(&dir, &fingerprint("a"), 3, true).unwrap();
         assert_eq!(ck.resumable(), 1);
-        assert_eq!(ck.load(0).unwrap().unwrap().tensors, state().tensors);
+        assert_eq!(
+            ck.load(0).unwrap().unwrap().tensors().unwrap(),
+            state().tensors().unwrap()
+        );
         assert!(ck.load(1).unwrap().is_none());
+
+        // Every block saved (a run killed after its commit): a plain run replaces it.
+        ck.save(1, &state()).unwrap();
+        ck.save(2, &state()).unwrap();
+        drop(ck);
+        let ck = Checkpoint::open(&dir, &fingerprint("a"), 3, false).unwrap();
+        assert_eq!(ck.resumable(), 0);
+        drop(ck);
 
         // Another run without --resume starts over.
         let ck = Checkpoint::open(&dir, &fingerprint("b"), 3, false).unwrap();

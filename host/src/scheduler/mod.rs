@@ -440,6 +440,8 @@ pub fn run(
             Some(ck) => ck.load(block)?,
             None => None,
         };
+        let replayed = restored.is_some();
+        let mut pending = None;
         if let Some(state) = restored {
             // An interrupted run finished this block's stages: replay their result.
             restore_block(
@@ -520,9 +522,11 @@ pub fn run(
                     }
                 }
             }
-            if let Some(ck) = spec.checkpoint {
-                ck.save(block, &saved_block(&tensors, &reports, &modifies))?;
-            }
+            // Captured before finalization changes the weights; saved once the block's
+            // output errors are known.
+            pending = spec
+                .checkpoint
+                .map(|_| saved_block(&tensors, &reports, &modifies));
         }
         let finished = finalize_block(
             spec,
@@ -532,12 +536,30 @@ pub fn run(
             calib.as_ref().map(|(c, h)| (*c, &h[..])),
         )?;
         if let Some((c, h)) = calib {
-            let errors = propagate(spec, block, &tensors, &finished, c, h)?;
+            // A replayed block's errors come from the checkpoint: skip the float forward.
+            let replay = Calibration {
+                output_error: false,
+                ..*c
+            };
+            let errors = propagate(
+                spec,
+                block,
+                &tensors,
+                &finished,
+                if replayed { &replay } else { c },
+                h,
+            )?;
             for (name, e) in errors {
                 if let Some(r) = reports.get_mut(&name) {
                     r.rel_output_error = Some(e);
                 }
             }
+        }
+        if let (Some(ck), Some(mut state)) = (spec.checkpoint, pending) {
+            for l in &mut state.layers {
+                l.rel_output_error = reports.get(&l.name).and_then(|r| r.rel_output_error);
+            }
+            ck.save(block, &state)?;
         }
         if let (Some(stream), Some(e)) = (float_eval.as_mut(), spec.eval) {
             let w = BlockWeights::load_from(&model.config, family, block, &model.weights)?;
@@ -1236,23 +1258,23 @@ fn saved_block(
     reports: &BTreeMap<String, LayerReport>,
     modifies: &[bool],
 ) -> BlockState {
-    BlockState {
-        tensors: tensors
+    BlockState::capture(
+        tensors
             .changed
             .iter()
             .filter(|(_, c)| **c)
-            .filter_map(|(n, _)| Some((n.clone(), tensors.values.get(n)?.clone())))
-            .collect(),
-        layers: reports
+            .filter_map(|(n, _)| Some((n.as_str(), tensors.values.get(n)?.as_slice()))),
+        reports
             .values()
             .map(|r| SavedLayer {
                 name: r.name.clone(),
                 qparams: r.qparams.clone(),
                 metrics: r.metrics.clone(),
+                rel_output_error: None,
             })
             .collect(),
-        modifies: modifies.to_vec(),
-    }
+        modifies.to_vec(),
+    )
 }
 
 /// Puts a saved stage result back as [`write_back`] left it after the last stage.
@@ -1265,7 +1287,17 @@ fn restore_block(
     state: BlockState,
 ) -> Result<(), ScheduleError> {
     let prefix = format!("{}.", spec.family.block_prefix(block));
-    for (name, values) in state.tensors {
+    let corrupt = |message: String| -> ScheduleError {
+        CheckpointError::Corrupt {
+            path: spec
+                .checkpoint
+                .map(|c| c.dir().to_path_buf())
+                .unwrap_or_default(),
+            message,
+        }
+        .into()
+    };
+    for (name, values) in state.tensors().map_err(corrupt)? {
         let expected = spec.model.weights.info(&name)?.numel();
         if !name.starts_with(&prefix) || values.len() != expected {
             return Err(CheckpointError::Corrupt {
@@ -1292,7 +1324,7 @@ fn restore_block(
                 qparams: l.qparams,
                 metrics: l.metrics,
                 input: None,
-                rel_output_error: None,
+                rel_output_error: l.rel_output_error,
                 name: l.name,
             },
         );
