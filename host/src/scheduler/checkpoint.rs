@@ -111,6 +111,8 @@ pub struct Checkpoint {
     resumable: usize,
     /// Blocks `0..saved` are in the directory now (replayed or saved by this run).
     saved: Cell<usize>,
+    /// `run.json` of a fresh checkpoint, written with the first block.
+    pending_run_file: Option<Vec<u8>>,
 }
 
 impl Checkpoint {
@@ -153,6 +155,7 @@ impl Checkpoint {
                     dir: dir.to_path_buf(),
                     resumable: 0,
                     saved: Cell::new(0),
+                    pending_run_file: None,
                 };
                 ck.resumable = ck.verified_blocks(blocks);
                 ck.saved.set(ck.resumable);
@@ -185,7 +188,8 @@ impl Checkpoint {
             }
             _ => {}
         }
-        // A fresh start: clear whatever is there, then record the fingerprint.
+        // A fresh start: clear whatever is there. The directory is created with the first
+        // saved block, so a run that fails (or is killed) before one leaves nothing behind.
         match fs::remove_dir_all(dir) {
             Ok(()) => {
                 tracing::info!(dir = %dir.display(), "replaced the checkpoint of another run")
@@ -193,13 +197,13 @@ impl Checkpoint {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(CheckpointError::io("remove", dir)(e)),
         }
-        fs::create_dir_all(dir).map_err(CheckpointError::io("create", dir))?;
-        let text = serde_json::to_vec_pretty(&fingerprint.to_json()).unwrap_or_default();
-        write_atomic(&run_file, &text)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             resumable: 0,
             saved: Cell::new(0),
+            pending_run_file: Some(
+                serde_json::to_vec_pretty(&fingerprint.to_json()).unwrap_or_default(),
+            ),
         })
     }
 
@@ -220,7 +224,12 @@ impl Checkpoint {
 
     /// Deletes the checkpoint (after the output is committed).
     pub fn remove(self) -> Result<(), CheckpointError> {
-        fs::remove_dir_all(&self.dir).map_err(CheckpointError::io("remove", &self.dir))
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(CheckpointError::io("remove", &self.dir)(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn block_file(&self, block: usize) -> PathBuf {
@@ -277,6 +286,12 @@ impl Checkpoint {
             path: path.clone(),
             message,
         })?;
+        if let Some(run) = &self.pending_run_file {
+            if !self.dir.join(RUN_FILE).exists() {
+                fs::create_dir_all(&self.dir).map_err(CheckpointError::io("create", &self.dir))?;
+                write_atomic(&self.dir.join(RUN_FILE), run)?;
+            }
+        }
         write_atomic(&path, &bytes)?;
         write_atomic(&self.hash_file(block), hex_sha256(&bytes).as_bytes())?;
         self.saved.set(self.saved.get().max(block + 1));
@@ -694,6 +709,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join(".out.gs-checkpoint");
         let ck = Checkpoint::open(&dir, &fingerprint("a"), 3, false).unwrap();
+        assert!(!dir.exists(), "created only with the first block");
         ck.save(0, &state()).unwrap();
         ck.save(1, &state()).unwrap();
         drop(ck);
