@@ -372,6 +372,37 @@ fn without_a_runtime_the_run_names_every_place_looked_and_writes_nothing() {
     assert!(!out.exists());
 }
 
+#[test]
+fn an_npu_hidden_by_ascend_rt_visible_devices_is_refused_before_anything_is_written() {
+    // Two emulated NPUs, only one visible: ascend:1 does not exist for this process.
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(work.path(), &manifest("rtn", "fake", &out, ""));
+    let stats = work.path().join("stats.txt");
+    let o = gs_host_with_env(
+        work.path(),
+        &["--manifest", m.to_str().unwrap(), "--device", "ascend:0,1"],
+        &[
+            ("ASCEND_HOME_PATH", emulator_home(Variant::Full).as_os_str()),
+            ("GSEMU_DEVICES", OsStr::new("2")),
+            ("ASCEND_RT_VISIBLE_DEVICES", OsStr::new("1")),
+            ("GSEMU_STATS", stats.as_os_str()),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "error: --device: cannot use ascend:0,1: AscendDevice::open: NPU 1 requested but the \
+             runtime sees 1 NPU(s) (ids 0..1, after ASCEND_RT_VISIBLE_DEVICES=1)"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // NPU 0, opened first, was released again.
+    assert_balanced(&read_stats(&stats), "hidden NPU");
+}
+
 /// Sets (or removes, for `None`) process environment variables until dropped.
 struct Env(Vec<(&'static str, Option<std::ffi::OsString>)>);
 
