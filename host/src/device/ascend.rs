@@ -101,8 +101,8 @@ impl<T: Element> Default for Pool<T> {
     }
 }
 
-/// Pooled bytes above which returned buffers are freed instead of kept (shapes of one model
-/// repeat, so the pool normally holds a few buffers per linear shape).
+/// Pooled bytes (per element type) above which returned buffers are freed instead of kept
+/// (shapes of one model repeat, so the pool normally holds a few buffers per linear shape).
 const POOL_BUDGET: usize = 4 << 30;
 
 impl<T: Element> Pool<T> {
