@@ -403,6 +403,49 @@ fn an_npu_hidden_by_ascend_rt_visible_devices_is_refused_before_anything_is_writ
     assert_balanced(&read_stats(&stats), "hidden NPU");
 }
 
+#[test]
+fn an_npu_run_is_never_resumed_on_the_cpu() {
+    // The 200th copy fails in block 1 (about 110 per block here): block 0 is saved in the
+    // checkpoint beside the output. Resuming with the CPU is refused, naming the device; the
+    // NPU resumes it.
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let m = write_manifest(work.path(), &manifest("gptq", "fake", &out, ""));
+    let ms = m.to_str().unwrap();
+    let mut failing = Command::new(gs_host_bin());
+    failing
+        .args(["--manifest", ms, "--device", "ascend:0"])
+        .current_dir(work.path())
+        .env_remove("GS_PLUGIN_PATH")
+        .env_remove("GS_ASCENDCL_LIB")
+        .env("RUST_LOG", "warn")
+        .env("ASCEND_HOME_PATH", emulator_home(Variant::Full))
+        .env("GSEMU_FAIL", "aclrtMemcpy:200");
+    let o = failing.output().unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("rerun with --resume") && err.contains("aclrtMemcpy ("),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = gs_host(work.path(), &["--manifest", ms, "--resume"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("this checkpoint belongs to a different run (device changed)"),
+        "{err}"
+    );
+    let (o, _) = run_on_emulator(
+        work.path(),
+        "resume",
+        &["--manifest", ms, "--resume", "--device", "ascend:0"],
+        1,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("resuming from"), "{}", stdout(&o));
+}
+
 /// Sets (or removes, for `None`) process environment variables until dropped.
 struct Env(Vec<(&'static str, Option<std::ffi::OsString>)>);
 

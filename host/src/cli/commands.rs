@@ -615,6 +615,21 @@ impl Devices {
         Ok(Devices::Ascend(devices))
     }
 
+    /// `ascend:0,1 (f16 GEMM inputs)` for NPUs; `None` for the CPU.
+    fn label(&self) -> Option<String> {
+        match self {
+            Devices::Cpu(_) => None,
+            Devices::Ascend(v) => Some(format!(
+                "ascend:{} ({} GEMM inputs)",
+                v.iter()
+                    .map(|d| d.id().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                v[0].precision().name()
+            )),
+        }
+    }
+
     fn primary(&self) -> &dyn Device {
         match self {
             Devices::Cpu(d) => d,
@@ -685,7 +700,12 @@ fn run(
     let checkpoint = if manifest.pipeline.is_empty() {
         None
     } else {
-        let fp = fingerprint(&manifest, &text, &model, &stages, windows.as_ref())?;
+        let mut fp = fingerprint(&manifest, &text, &model, &stages, windows.as_ref())?;
+        // NPU results differ from the CPU's (f16 GEMM inputs): never resume one with the
+        // other. CPU runs keep the fingerprint they had before devices existed.
+        if let Some(label) = devices.label() {
+            fp.parts.insert("device".into(), label);
+        }
         let dir = Checkpoint::dir_for(export.output());
         let ck = Checkpoint::open(&dir, &fp, model.config.num_hidden_layers, resume)?;
         if ck.resumable() > 0 {
