@@ -33,6 +33,11 @@ fn run(algorithms: &[&str]) -> RunSummary {
 }
 
 fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
+    run_on(algorithms, chunk_tokens, 1)
+}
+
+/// [`run_chunked`] with the calibration chunks split across `devices` CPU devices.
+fn run_on(algorithms: &[&str], chunk_tokens: usize, devices: usize) -> RunSummary {
     let model = Model::open(&stories260k()).unwrap();
     let family = family_for(&model.config.architectures, "config.json").unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -60,11 +65,14 @@ fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
         .collect();
     let w = windows(&stories260k());
     let device = CpuDevice::new();
+    let more: Vec<CpuDevice> = (1..devices).map(|_| CpuDevice::new()).collect();
+    let parallel: Vec<&dyn Device> = more.iter().map(|d| d as &dyn Device).collect();
     let calib = Calibration {
         windows: &w,
         sequential: true,
         output_error: true,
         device: &device,
+        parallel: &parallel,
         chunk_tokens,
     };
     let spec = RunSpec {
@@ -169,6 +177,22 @@ fn the_module_forward_runs_the_inspected_module_with_candidate_weights() {
         let name = format!("model.layers.0.{layer}");
         assert_eq!(metric(&s, &name, "out_sq_zero_first"), [0.0], "{name}");
         assert!(metric(&s, &name, "out_sq")[0] > 0.0, "{name}");
+    }
+}
+
+#[test]
+fn splitting_the_chunks_across_devices_changes_no_bit_of_the_statistics() {
+    // 16 chunks of one sequence on 1 and on 3 devices (rounds of 3, the last one short), with
+    // a stage that changes weights (statistics recomputed, paused passes resumed) and the
+    // module-forward service: the chunks' results are reduced in chunk order, so every
+    // statistic and metric is bit-equal.
+    let algorithms = ["test_double_norm", "test_stats_probe", "test_module_probe"];
+    let (one, three) = (run_on(&algorithms, 64, 1), run_on(&algorithms, 64, 3));
+    assert!(!one.layers.is_empty());
+    assert_eq!(one.stats_passes, three.stats_passes);
+    for (a, b) in one.layers.iter().zip(&three.layers) {
+        // Debug prints every float in its shortest round-trip form: equal text, equal bits.
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}", a.name);
     }
 }
 

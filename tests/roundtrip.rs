@@ -175,6 +175,7 @@ fn round_trip_pipeline(format: &str, dtype: &str, quant: &str, stages: &[(&str, 
         sequential: true,
         output_error: true,
         device: &device,
+        parallel: &[],
         chunk_tokens: scheduler::CHUNK_TOKENS,
     };
     let e = InRunEval {

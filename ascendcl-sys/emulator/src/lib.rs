@@ -890,7 +890,9 @@ unsafe fn store(dt: c_int, base: usize, i: usize, v: f32) {
 }
 
 /// Row-major `C = alpha·op(A)·op(B) + beta·C` with a sequential f32 sum over k. With
-/// `beta == 0`, C is not read (the BLAS convention).
+/// `beta == 0`, C is not read (the BLAS convention). The operands are first converted to f32
+/// (exact for f16/bf16) with `op(A)` as rows of k and `op(B)` as columns of k, so the loop
+/// reads contiguous memory; the sum order is the same.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_host(
     ta: bool,
@@ -904,12 +906,25 @@ unsafe fn gemm_host(
     alpha: f32,
     beta: f32,
 ) {
+    // ar[i*k + p] = op(A)[i, p]; bc[j*k + p] = op(B)[p, j].
+    let mut ar = vec![0f32; m * k];
     for i in 0..m {
+        for p in 0..k {
+            ar[i * k + p] = load(a.1, a.0, if ta { p * m + i } else { i * k + p });
+        }
+    }
+    let mut bc = vec![0f32; n * k];
+    for j in 0..n {
+        for p in 0..k {
+            bc[j * k + p] = load(b.1, b.0, if tb { j * k + p } else { p * n + j });
+        }
+    }
+    for i in 0..m {
+        let row = &ar[i * k..(i + 1) * k];
         for j in 0..n {
+            let col = &bc[j * k..(j + 1) * k];
             let mut acc = 0f32;
-            for p in 0..k {
-                let x = load(a.1, a.0, if ta { p * m + i } else { i * k + p });
-                let y = load(b.1, b.0, if tb { j * k + p } else { p * n + j });
+            for (x, y) in row.iter().zip(col) {
                 acc += x * y;
             }
             let v = if beta == 0.0 {

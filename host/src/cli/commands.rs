@@ -7,16 +7,18 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::presets;
-use super::{Cli, Command, QuantizeArgs};
+use super::{Cli, Command, DeviceFlag, QuantizeArgs};
 use crate::arch::{self, Family};
 use crate::data::{
     calibration_windows, eval_windows, read_text, CalibrationSpec, TextKind, Tokenizer, Windows,
 };
-use crate::device::CpuDevice;
+use crate::device::{AscendDevice, CpuDevice, Device};
 use crate::eval::perplexity;
 use crate::eval::report::{LayerEntry, PerplexityEntry, Report};
 use crate::export::{self, ExportOptions, Staging, RUN_RECORD};
-use crate::manifest::{EvalPoint, EvalSection, ExportFormat, Manifest, ManifestError};
+use crate::manifest::{
+    DeviceKind, DeviceSection, EvalPoint, EvalSection, ExportFormat, Manifest, ManifestError,
+};
 use crate::model::fakequant::act_quant_to_json;
 use crate::model::Model;
 use crate::plugins::{
@@ -27,6 +29,7 @@ use crate::scheduler::{
 };
 
 pub fn dispatch(cli: Cli) -> Result<()> {
+    let device = cli.device.as_ref();
     match (&cli.command, &cli.manifest) {
         (Some(Command::Inspect { model }), _) => inspect(model),
         (Some(Command::Devices), _) => super::devices::run(),
@@ -42,18 +45,18 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 windows,
             }),
             _,
-        ) => eval(model, data, *seqlen, *windows),
+        ) => eval(model, data, *seqlen, *windows, device),
         (Some(Command::Quantize(_)), Some(_)) => bail!(
             "quantize takes no --manifest: it builds its own from --preset (--print-manifest shows it)"
         ),
         (Some(Command::Quantize(args)), None) => {
-            quantize(args, &cli.plugin_dirs, cli.force, cli.resume)
+            quantize(args, &cli.plugin_dirs, cli.force, cli.resume, device)
         }
         (Some(Command::Check), Some(m)) => {
             check(Source::file(m)?, &cli.plugin_dirs, cli.force).map(|_| ())
         }
         (Some(Command::Run) | None, Some(m)) => {
-            run(Source::file(m)?, &cli.plugin_dirs, cli.force, cli.resume)
+            run(Source::file(m)?, &cli.plugin_dirs, cli.force, cli.resume, device)
         }
         (Some(Command::Check | Command::Run), None) => {
             bail!("--manifest FILE is required (see docs/manifest.md)")
@@ -432,7 +435,13 @@ fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
 
 /// `gs-host quantize`: the preset expanded with the options into a manifest text, which is
 /// printed (`--print-manifest`), or parsed and run exactly as `--manifest` runs a file.
-fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()> {
+fn quantize(
+    args: &QuantizeArgs,
+    dirs: &[PathBuf],
+    force: bool,
+    resume: bool,
+    device: Option<&DeviceFlag>,
+) -> Result<()> {
     let preset = presets::find(&args.preset)?;
     let opts = presets::Options {
         model: args.model.clone(),
@@ -478,6 +487,7 @@ fn quantize(args: &QuantizeArgs, dirs: &[PathBuf], force: bool, resume: bool) ->
         dirs,
         force,
         resume,
+        device,
     )
 }
 
@@ -569,7 +579,101 @@ fn evaluation_windows(
     Ok(w)
 }
 
-fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()> {
+/// The compute devices of a command: the CPU, or Ascend NPUs (the first one also runs what is
+/// not split by calibration chunks: module forwards, evaluation).
+enum Devices {
+    Cpu(CpuDevice),
+    Ascend(Vec<AscendDevice>),
+}
+
+impl Devices {
+    /// The manifest's `[device]` (the CPU without one), with `--device` taking precedence.
+    fn open(section: &DeviceSection, flag: Option<&DeviceFlag>) -> Result<Devices> {
+        let (kind, ids, origin) = match flag {
+            Some(f) => (f.kind, f.ids.clone(), "--device"),
+            None => (section.kind, section.ids.clone(), "[device]"),
+        };
+        if kind == DeviceKind::Cpu {
+            return Ok(Devices::Cpu(CpuDevice::new()));
+        }
+        let label = format!(
+            "ascend:{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        );
+        let open = || -> Result<Vec<AscendDevice>, ascendcl_sys::AclError> {
+            let rt = ascendcl_sys::Runtime::load()?;
+            ids.iter()
+                .map(|&id| AscendDevice::open(&rt, id, section.precision))
+                .collect()
+        };
+        let devices = open().with_context(|| format!("{origin}: cannot use {label}"))?;
+        tracing::info!(
+            "{label}: GEMMs on the NPU ({} inputs, f32 accumulation); RMSNorm, RoPE, attention, \
+             SwiGLU and adds on the CPU",
+            section.precision.name()
+        );
+        Ok(Devices::Ascend(devices))
+    }
+
+    /// `ascend:0,1 (f16 GEMM inputs)` for NPUs; `None` for the CPU.
+    fn label(&self) -> Option<String> {
+        match self {
+            Devices::Cpu(_) => None,
+            Devices::Ascend(v) => Some(format!(
+                "ascend:{} ({} GEMM inputs)",
+                v.iter()
+                    .map(|d| d.id().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                v[0].precision().name()
+            )),
+        }
+    }
+
+    fn primary(&self) -> &dyn Device {
+        match self {
+            Devices::Cpu(d) => d,
+            Devices::Ascend(v) => &v[0],
+        }
+    }
+
+    /// The devices after the first, for the chunked calibration passes.
+    fn parallel(&self) -> Vec<&dyn Device> {
+        match self {
+            Devices::Cpu(_) => Vec::new(),
+            Devices::Ascend(v) => v[1..].iter().map(|d| d as &dyn Device).collect(),
+        }
+    }
+
+    /// One line per NPU: what went through it and what stayed on the CPU.
+    fn report(&self) {
+        if let Devices::Ascend(v) = self {
+            for d in v {
+                let s = d.stats();
+                println!(
+                    "ascend:{}: {} GEMMs ({} inputs), {} device allocations, {:.1} MiB to the NPU in {} copies, {:.1} MiB back in {}, {} ops on the CPU",
+                    d.id(),
+                    s.gemms,
+                    d.precision().name(),
+                    s.allocations,
+                    s.h2d_bytes as f64 / (1 << 20) as f64,
+                    s.h2d_copies,
+                    s.d2h_bytes as f64 / (1 << 20) as f64,
+                    s.d2h_copies,
+                    s.host_ops
+                );
+            }
+        }
+    }
+}
+
+fn run(
+    source: Source,
+    dirs: &[PathBuf],
+    force: bool,
+    resume: bool,
+    device: Option<&DeviceFlag>,
+) -> Result<()> {
     let Prepared {
         manifest,
         text,
@@ -588,13 +692,20 @@ fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()
         max_shard_bytes: manifest.export.max_shard_bytes,
         linears: scheduler::all_linears(&family, &model),
     };
+    // Before anything is written: a missing runtime or NPU fails the run here.
+    let devices = Devices::open(&manifest.device, device)?;
     let mut export = export::begin(format, &model, &output, &options)
         .with_context(|| format!("cannot write {}", output.display()))?;
     // Only the stages' results are saved: a run without stages has nothing worth resuming.
     let checkpoint = if manifest.pipeline.is_empty() {
         None
     } else {
-        let fp = fingerprint(&manifest, &text, &model, &stages, windows.as_ref())?;
+        let mut fp = fingerprint(&manifest, &text, &model, &stages, windows.as_ref())?;
+        // NPU results differ from the CPU's (f16 GEMM inputs): never resume one with the
+        // other. CPU runs keep the fingerprint they had before devices existed.
+        if let Some(label) = devices.label() {
+            fp.parts.insert("device".into(), label);
+        }
         let dir = Checkpoint::dir_for(export.output());
         let ck = Checkpoint::open(&dir, &fp, model.config.num_hidden_layers, resume)?;
         if ck.resumable() > 0 {
@@ -606,12 +717,14 @@ fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()
         }
         Some(ck)
     };
-    let device = CpuDevice::new();
+    let device = devices.primary();
+    let parallel = devices.parallel();
     let calibration = windows.as_ref().map(|w| Calibration {
         windows: w,
         sequential: manifest.run.sequential,
         output_error: manifest.run.output_error,
-        device: &device,
+        device,
+        parallel: &parallel,
         chunk_tokens: scheduler::CHUNK_TOKENS,
     });
     let points: &[EvalPoint] = manifest.eval.as_ref().map_or(&[], |e| &e.points);
@@ -619,7 +732,7 @@ fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()
         windows: w,
         float: points.contains(&EvalPoint::Float),
         fake_quant: points.contains(&EvalPoint::FakeQuant),
-        device: &device,
+        device,
     });
     let spec = RunSpec {
         model: &model,
@@ -674,7 +787,7 @@ fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()
             let ckpt = export::open_checkpoint(&output).with_context(|| {
                 format!("cannot reload the written checkpoint {}", output.display())
             })?;
-            let nll = checkpoint_perplexity(ckpt.as_ref(), &family, w)?;
+            let nll = checkpoint_perplexity(ckpt.as_ref(), &family, w, device)?;
             report
                 .perplexity
                 .push(ppl_entry(EvalPoint::Exported, nll, e, w));
@@ -706,6 +819,7 @@ fn run(source: Source, dirs: &[PathBuf], force: bool, resume: bool) -> Result<()
         }
     }
     println!("report: {}", output.join(REPORT_SVG).display());
+    devices.report();
     Ok(())
 }
 
@@ -726,6 +840,7 @@ fn checkpoint_perplexity(
     ckpt: &dyn export::DecodedCheckpoint,
     family: &Family,
     windows: &Windows,
+    device: &dyn Device,
 ) -> Result<crate::eval::Nll> {
     let mut inputs = std::collections::BTreeMap::new();
     for block in 0..ckpt.config().num_hidden_layers {
@@ -735,9 +850,8 @@ fn checkpoint_perplexity(
             }
         }
     }
-    let device = CpuDevice::new();
     Ok(perplexity(
-        &device,
+        device,
         ckpt,
         ckpt.config(),
         family,
@@ -747,7 +861,13 @@ fn checkpoint_perplexity(
     )?)
 }
 
-fn eval(model: &Path, data: &Path, seqlen: usize, windows: Option<usize>) -> Result<()> {
+fn eval(
+    model: &Path,
+    data: &Path,
+    seqlen: usize,
+    windows: Option<usize>,
+    device: Option<&DeviceFlag>,
+) -> Result<()> {
     if seqlen < 2 {
         bail!("--seqlen must be at least 2 (each window predicts tokens 1..seqlen)");
     }
@@ -762,8 +882,9 @@ fn eval(model: &Path, data: &Path, seqlen: usize, windows: Option<usize>) -> Res
     )?;
     let tokenizer = Tokenizer::from_model_dir(model)?;
     let w = evaluation_windows(&tokenizer, data, seqlen, windows)?;
+    let devices = Devices::open(&DeviceSection::default(), device)?;
     let started = std::time::Instant::now();
-    let nll = checkpoint_perplexity(ckpt.as_ref(), &family, &w)?;
+    let nll = checkpoint_perplexity(ckpt.as_ref(), &family, &w, devices.primary())?;
     println!(
         "perplexity {:.4} ({}; {} windows × {} tokens of {}; {} predicted tokens, sum NLL {:.3}; {:.1}s)",
         nll.perplexity(),
@@ -778,6 +899,7 @@ fn eval(model: &Path, data: &Path, seqlen: usize, windows: Option<usize>) -> Res
         nll.sum,
         started.elapsed().as_secs_f64()
     );
+    devices.report();
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::manifest::ExportFormat;
+use crate::manifest::{DeviceKind, ExportFormat};
 
 /// Post-training quantization of large language models through algorithm plugins.
 #[derive(Debug, Parser)]
@@ -31,6 +31,11 @@ pub struct Cli {
     /// `.<output name>.gs-checkpoint` beside the output).
     #[arg(long, global = true)]
     pub resume: bool,
+    /// Compute device: `cpu`, or `ascend:ID[,ID…]` (Ascend NPUs as `gs-host devices` numbers
+    /// them; with several, the calibration samples of each block are split across them).
+    /// Overrides the manifest's [device]; without either, the CPU.
+    #[arg(long, global = true, value_name = "DEVICE", value_parser = parse_device)]
+    pub device: Option<DeviceFlag>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -138,6 +143,49 @@ impl FormatArg {
     }
 }
 
+/// `--device`: a device kind and, for NPUs, their ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFlag {
+    pub kind: DeviceKind,
+    /// Distinct NPU ids in the order given; empty for the CPU.
+    pub ids: Vec<u32>,
+}
+
+/// `cpu`, `ascend` (NPU 0) or `ascend:0,1`.
+fn parse_device(s: &str) -> Result<DeviceFlag, String> {
+    let (kind, ids) = match s.split_once(':') {
+        Some((k, ids)) => (k, Some(ids)),
+        None => (s, None),
+    };
+    match (kind, ids) {
+        ("cpu", None) => Ok(DeviceFlag {
+            kind: DeviceKind::Cpu,
+            ids: Vec::new(),
+        }),
+        ("ascend", None) => Ok(DeviceFlag {
+            kind: DeviceKind::Ascend,
+            ids: vec![0],
+        }),
+        ("ascend", Some(list)) => {
+            let mut ids = Vec::new();
+            for part in list.split(',') {
+                let id: u32 = part.trim().parse().map_err(|_| {
+                    format!("`{part}` is not an NPU id (expected e.g. ascend:0 or ascend:0,1)")
+                })?;
+                if ids.contains(&id) {
+                    return Err(format!("NPU {id} is listed twice"));
+                }
+                ids.push(id);
+            }
+            Ok(DeviceFlag {
+                kind: DeviceKind::Ascend,
+                ids,
+            })
+        }
+        _ => Err("expected `cpu`, `ascend` or `ascend:ID[,ID…]` (e.g. ascend:0,1)".into()),
+    }
+}
+
 /// The preset names with their one-line summaries (listed by `--help` and by clap's error for
 /// an unknown name).
 fn preset_values() -> PossibleValuesParser {
@@ -203,7 +251,32 @@ fn init_tracing() {
 
 #[cfg(test)]
 mod tests {
-    use super::render_error;
+    use super::{parse_device, render_error, DeviceFlag};
+    use crate::manifest::DeviceKind;
+
+    #[test]
+    fn device_flags_parse_and_bad_ones_say_what_is_expected() {
+        let ascend = |ids: &[u32]| DeviceFlag {
+            kind: DeviceKind::Ascend,
+            ids: ids.to_vec(),
+        };
+        assert_eq!(parse_device("cpu").unwrap().kind, DeviceKind::Cpu);
+        assert_eq!(parse_device("ascend").unwrap(), ascend(&[0]));
+        assert_eq!(parse_device("ascend:1,0").unwrap(), ascend(&[1, 0]));
+        assert_eq!(
+            parse_device("ascend:0,0").unwrap_err(),
+            "NPU 0 is listed twice"
+        );
+        assert!(parse_device("ascend:x")
+            .unwrap_err()
+            .contains("`x` is not an NPU id"));
+        assert!(parse_device("gpu:0")
+            .unwrap_err()
+            .starts_with("expected `cpu`"));
+        assert!(parse_device("cpu:0")
+            .unwrap_err()
+            .starts_with("expected `cpu`"));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot read x.txt: {source}")]

@@ -1,14 +1,16 @@
 //! The compute device: every numeric op of the forward pass and of the statistics goes through
 //! [`Device`], so the scheduler and the algorithms never call a BLAS directly and an
-//! accelerator backend (Ascend NPU) can replace [`CpuDevice`] later.
+//! accelerator backend replaces [`CpuDevice`]: [`AscendDevice`] runs the GEMMs on an Ascend NPU.
 //!
 //! Conventions: activations are row-major `[tokens, features]`; `tokens = n_seq · seqlen`
 //! with the sequences one after the other; a linear layer's weight is `[out, in]` as in
 //! PyTorch. Every op checks its operand lengths and reports a [`DeviceError`] naming the op and
 //! the operand instead of panicking.
 
+mod ascend;
 mod cpu;
 
+pub use ascend::{AscendDevice, GemmPrecision, TransferStats};
 pub use cpu::CpuDevice;
 
 /// An operand whose length does not match the shape the op was given.
@@ -34,6 +36,16 @@ pub enum DeviceError {
         /// The op.
         op: &'static str,
         /// What is wrong.
+        message: String,
+    },
+    /// The backend failed (an AscendCL call, an operand it cannot represent).
+    #[error("{op} on {device}: {message}")]
+    Backend {
+        /// The op.
+        op: &'static str,
+        /// The device, e.g. `"ascend:0"`.
+        device: String,
+        /// The backend's error, naming the failed call.
         message: String,
     },
 }

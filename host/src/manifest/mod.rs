@@ -38,12 +38,16 @@ use serde::Deserialize;
 use toml::de::DeTable;
 use toml::Spanned;
 
+use crate::device::GemmPrecision;
+
 pub use error::{Choices, Located, Location, ManifestError};
 pub use quant::{
     ArgsSpec, GranularityName, OverrideSpec, Preset, QuantPlan, QuantSection, SchemeSpec,
 };
 
-use raw::{RawCalibration, RawEval, RawExport, RawManifest, RawPluginPin, RawRun, RawStage};
+use raw::{
+    RawCalibration, RawDevice, RawEval, RawExport, RawManifest, RawPluginPin, RawRun, RawStage,
+};
 use source::{check_no_array_tables, de_error, span_of, syntax_error, Seg, Source};
 
 /// Default `[calibration]` values.
@@ -72,6 +76,8 @@ pub struct Manifest {
     pub eval: Option<EvalSection>,
     /// Defaults when `[run]` is absent.
     pub run: RunSection,
+    /// The CPU when `[device]` is absent.
+    pub device: DeviceSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +223,48 @@ impl Default for RunSection {
     }
 }
 
+/// Compute device kinds of `[device] kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// The host CPU (the default).
+    Cpu,
+    /// Ascend NPUs through AscendCL.
+    Ascend,
+}
+
+impl DeviceKind {
+    pub const ALL: [DeviceKind; 2] = [DeviceKind::Cpu, DeviceKind::Ascend];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Ascend => "ascend",
+        }
+    }
+}
+
+/// `[device]`: where the forward passes and the calibration statistics run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSection {
+    pub kind: DeviceKind,
+    /// NPU ids as the runtime numbers them (after `ASCEND_RT_VISIBLE_DEVICES`), distinct, in
+    /// the order given; empty for the CPU. The calibration chunks of a block are split across
+    /// them.
+    pub ids: Vec<u32>,
+    /// Element type of the NPU GEMM inputs.
+    pub precision: GemmPrecision,
+}
+
+impl Default for DeviceSection {
+    fn default() -> Self {
+        DeviceSection {
+            kind: DeviceKind::Cpu,
+            ids: Vec::new(),
+            precision: GemmPrecision::default(),
+        }
+    }
+}
+
 impl Manifest {
     /// Reads and parses the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
@@ -259,6 +307,11 @@ impl Manifest {
             export: cx.export(raw.export)?,
             eval: raw.eval.map(|e| cx.eval(e)).transpose()?,
             run: raw.run.map(|r| cx.run(r)).transpose()?.unwrap_or_default(),
+            device: raw
+                .device
+                .map(|d| cx.device(d))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -519,6 +572,101 @@ impl Cx<'_> {
         Ok(RunSection {
             sequential: r.sequential.unwrap_or(true),
             output_error: r.output_error.unwrap_or(true),
+        })
+    }
+}
+
+impl Cx<'_> {
+    fn device(&self, d: RawDevice) -> Result<DeviceSection, ManifestError> {
+        let value = d.kind.get_ref();
+        let Some(kind) = DeviceKind::ALL.into_iter().find(|k| k.name() == value) else {
+            return Err(ManifestError::UnknownValue {
+                at: self.src.at(&d.kind),
+                key: "device.kind".into(),
+                value: value.clone(),
+                choices: Choices::new(
+                    value,
+                    DeviceKind::ALL
+                        .iter()
+                        .map(|k| k.name().to_owned())
+                        .collect(),
+                ),
+            });
+        };
+        if kind == DeviceKind::Cpu {
+            let conflict = |key: &str, at: Location| ManifestError::Conflict {
+                at,
+                key: key.into(),
+                other: "device.kind".into(),
+                reason:
+                    "kind = \"cpu\" takes no NPU ids or GEMM precision (kind = \"ascend\" does)"
+                        .into(),
+            };
+            if let Some(ids) = &d.ids {
+                return Err(conflict("device.ids", self.src.at(ids)));
+            }
+            if let Some(p) = &d.precision {
+                return Err(conflict("device.precision", self.src.at(p)));
+            }
+            return Ok(DeviceSection::default());
+        }
+        let ids = match &d.ids {
+            None => vec![0],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.invalid(
+                        list,
+                        "device.ids",
+                        "[]".into(),
+                        "list at least one NPU id (or remove the key for NPU 0)",
+                    ));
+                }
+                let mut ids = Vec::new();
+                for (i, id) in list.get_ref().iter().enumerate() {
+                    let key = format!("device.ids[{i}]");
+                    let v = u32::try_from(*id.get_ref()).map_err(|_| {
+                        self.invalid(
+                            id,
+                            &key,
+                            id.get_ref().to_string(),
+                            "expected an NPU id >= 0 (as `gs-host devices` lists them)",
+                        )
+                    })?;
+                    if ids.contains(&v) {
+                        return Err(self.invalid(
+                            id,
+                            &key,
+                            v.to_string(),
+                            "each NPU may be listed once",
+                        ));
+                    }
+                    ids.push(v);
+                }
+                ids
+            }
+        };
+        let precision = match &d.precision {
+            None => GemmPrecision::default(),
+            Some(p) => GemmPrecision::ALL
+                .into_iter()
+                .find(|g| g.name() == p.get_ref())
+                .ok_or_else(|| ManifestError::UnknownValue {
+                    at: self.src.at(p),
+                    key: "device.precision".into(),
+                    value: p.get_ref().clone(),
+                    choices: Choices::new(
+                        p.get_ref(),
+                        GemmPrecision::ALL
+                            .iter()
+                            .map(|g| g.name().to_owned())
+                            .collect(),
+                    ),
+                })?,
+        };
+        Ok(DeviceSection {
+            kind,
+            ids,
+            precision,
         })
     }
 }

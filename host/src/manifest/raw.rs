@@ -21,6 +21,7 @@ pub(crate) struct RawManifest {
     pub export: RawExport,
     pub eval: Option<RawEval>,
     pub run: Option<RawRun>,
+    pub device: Option<RawDevice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,4 +167,13 @@ pub(crate) struct RawEval {
 pub(crate) struct RawRun {
     pub sequential: Option<bool>,
     pub output_error: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDevice {
+    // Strings rather than enums so that unknown values get a message listing the valid ones.
+    pub kind: Spanned<String>,
+    pub ids: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub precision: Option<Spanned<String>>,
 }

@@ -212,7 +212,7 @@ pub(crate) fn check_no_array_tables(
     }
 
     let root = root.get_ref();
-    for k in ["model", "calibration", "export", "eval", "run"] {
+    for k in ["model", "calibration", "export", "eval", "run", "device"] {
         table(src, &key(&[], k), root.get(k))?;
     }
     if let Some(plugins) = table(src, &key(&[], "plugins"), root.get("plugins"))? {

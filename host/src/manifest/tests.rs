@@ -618,7 +618,7 @@ fn unknown_section_suggests_the_closest() {
     assert_eq!(
         msg(&text),
         "run.toml:14:2: unknown section [calibrate]; did you mean [calibration]? (valid sections: \
-         model, calibration, quant, pipeline, plugins, export, eval, run)"
+         model, calibration, quant, pipeline, plugins, export, eval, run, device)"
     );
     let e = msg(&format!("verbose = true\n{BASE}"));
     assert!(
@@ -1140,4 +1140,49 @@ fn array_of_tables_where_a_table_is_needed() {
         BASE.replace("[[pipeline]]\nalgorithm = \"rtn\"\n", "")
     );
     assert!(msg(&text).starts_with("run.toml:1:13: wrong type for `pipeline[0]`: expected a table"));
+}
+
+#[test]
+fn device_defaults_to_the_cpu_and_ascend_to_npu_0_in_f16() {
+    assert_eq!(ok(BASE).device, DeviceSection::default());
+    assert_eq!(ok(BASE).device.kind, DeviceKind::Cpu);
+    let m = ok(&format!("{BASE}\n[device]\nkind = \"ascend\"\n"));
+    assert_eq!(m.device.kind, DeviceKind::Ascend);
+    assert_eq!(m.device.ids, [0]);
+    assert_eq!(m.device.precision, GemmPrecision::F16);
+    let m = ok(&format!(
+        "{BASE}\n[device]\nkind = \"ascend\"\nids = [1, 0]\nprecision = \"bf16\"\n"
+    ));
+    assert_eq!(m.device.ids, [1, 0]);
+    assert_eq!(m.device.precision, GemmPrecision::Bf16);
+}
+
+#[test]
+fn bad_device_sections_name_the_key() {
+    let dev = |body: &str| msg(&format!("{BASE}\n[device]\n{body}\n"));
+    assert_eq!(
+        dev("kind = \"npu\""),
+        "run.toml:15:8: unknown value `npu` for `device.kind`; did you mean `cpu`? (valid values: cpu, \
+         ascend)"
+    );
+    assert_eq!(
+        dev("kind = \"ascend\"\nids = []"),
+        "run.toml:16:7: `device.ids` = [] is invalid: list at least one NPU id (or remove the \
+         key for NPU 0)"
+    );
+    assert_eq!(
+        dev("kind = \"ascend\"\nids = [0, 1, 0]"),
+        "run.toml:16:14: `device.ids[2]` = 0 is invalid: each NPU may be listed once"
+    );
+    assert_eq!(
+        dev("kind = \"ascend\"\nids = [-1]"),
+        "run.toml:16:8: `device.ids[0]` = -1 is invalid: expected an NPU id >= 0 (as \
+         `gs-host devices` lists them)"
+    );
+    assert!(dev("kind = \"cpu\"\nids = [0]").starts_with(
+        "run.toml:16:7: `device.ids` cannot be combined with `device.kind`: kind = \"cpu\""
+    ));
+    assert!(dev("kind = \"ascend\"\nprecision = \"f8\"")
+        .contains("unknown value `f8` for `device.precision` (valid values: f16, bf16, f32)"));
+    assert!(dev("kind = \"ascend\"\nid = 0").contains("unknown key `id` in [device]"));
 }

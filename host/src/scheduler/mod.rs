@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::path::PathBuf;
 
-use gs_plugin_api::StatsRequest;
+use gs_plugin_api::{StatKind, StatsRequest};
 use gs_quant::{scale_zero, Granularity, QParams, ScaleDtype, Scheme};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -296,8 +296,15 @@ pub struct Calibration<'a> {
     /// Measure each quantized layer's relative output error (see [`propagate`]); without it a
     /// sequential run skips the float block forward.
     pub output_error: bool,
-    /// Where the forward passes run.
+    /// Where the forward passes run: the module-forward service, and chunk 0 (of every `n`)
+    /// of the chunked calibration passes.
     pub device: &'a dyn Device,
+    /// Further devices for the chunked calibration passes (statistics, static input ranges,
+    /// propagation): chunk `i` runs on `[device, parallel…][i mod n]`, the `n` devices in
+    /// parallel threads, and the chunks' results are reduced in chunk order. Chunk boundaries
+    /// depend only on [`Self::chunk_tokens`], so devices computing alike give the same result
+    /// for any `n`. Empty: everything on `device`.
+    pub parallel: &'a [&'a dyn Device],
     /// Tokens per forward call, rounded down to whole sequences (at least one): bounds the
     /// activations — the MLP intermediate alone is `[tokens, ffn]` — without changing results,
     /// since attention never crosses sequences and every other op works row by row.
@@ -311,6 +318,58 @@ impl Calibration<'_> {
         let seqlen = self.windows.seqlen();
         (self.chunk_tokens / seqlen).max(1) * seqlen * hidden
     }
+
+    /// The devices of the chunked passes, `device` first.
+    fn devices(&self) -> Vec<&dyn Device> {
+        std::iter::once(self.device)
+            .chain(self.parallel.iter().copied())
+            .collect()
+    }
+}
+
+/// Runs `work` on every input, chunk `i` on device `i mod n`, `n` chunks at a time in
+/// parallel threads (one device: in this thread), and hands the results to `reduce` in input
+/// order. At most `n` results are held at once, so a reduction that streams over the chunks
+/// keeps its memory bound; the first error in chunk order is returned.
+fn for_each_chunk<I: Send, R: Send>(
+    devices: &[&dyn Device],
+    inputs: impl IntoIterator<Item = I>,
+    work: &(dyn Fn(&dyn Device, I) -> Result<R, ForwardError> + Sync),
+    reduce: &mut dyn FnMut(R) -> Result<(), ScheduleError>,
+) -> Result<(), ScheduleError> {
+    let mut inputs = inputs.into_iter().peekable();
+    let n = devices.len().max(1);
+    while inputs.peek().is_some() {
+        let round: Vec<I> = inputs.by_ref().take(n).collect();
+        let results: Vec<Result<R, ForwardError>> = if round.len() == 1 || devices.len() < 2 {
+            round
+                .into_iter()
+                .zip(devices.iter().cycle())
+                .map(|(input, dev)| work(*dev, input))
+                .collect()
+        } else {
+            std::thread::scope(|scope| {
+                let mut round = round.into_iter().zip(devices.iter());
+                let first = round.next();
+                let handles: Vec<_> = round
+                    .map(|(input, dev)| scope.spawn(move || work(*dev, input)))
+                    .collect();
+                let mut out = Vec::with_capacity(handles.len() + 1);
+                if let Some((input, dev)) = first {
+                    out.push(work(*dev, input));
+                }
+                for h in handles {
+                    // A panic in a device thread is a defect; carry it to this thread.
+                    out.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                }
+                out
+            })
+        };
+        for r in results {
+            reduce(r?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Receives, block by block, the finished quantized layers and every other tensor the
@@ -709,6 +768,7 @@ fn finalize_block(
             c,
             &mut scratch,
             last,
+            &wanted,
             &mut |t, x| {
                 if wanted.contains(&t) {
                     let r = ranges
@@ -821,14 +881,16 @@ fn propagate(
     let mut sums: BTreeMap<LinearRole, (f64, f64)> = BTreeMap::new();
     let seqlen = c.windows.seqlen();
     let per_chunk = c.chunk_len(cfg.hidden_size);
-    for chunk in h.chunks_mut(per_chunk) {
+    // Per chunk: the float block's outputs of the measured roles, and the quantized block's.
+    type Outputs = (BTreeMap<LinearRole, Vec<f32>>, Vec<(LinearRole, Vec<f32>)>);
+    let work = |dev: &dyn Device, chunk: &mut [f32]| -> Result<Outputs, ForwardError> {
         let n = chunk.len() / (seqlen * cfg.hidden_size);
         let mut reference: BTreeMap<LinearRole, Vec<f32>> = BTreeMap::new();
         let mut float_out = Vec::new();
         if let Some(float) = &float {
             float_out = chunk.to_vec();
             block_forward_probed(
-                c.device,
+                dev,
                 cfg,
                 float,
                 &mut float_out,
@@ -842,11 +904,12 @@ fn propagate(
                 },
             )?;
         }
+        let mut outputs = Vec::new();
         let mut quant_out = Vec::new();
         if let Some(quant) = &quant {
             quant_out = chunk.to_vec();
             block_forward_probed(
-                c.device,
+                dev,
                 cfg,
                 quant,
                 &mut quant_out,
@@ -854,19 +917,32 @@ fn propagate(
                 seqlen,
                 &mut |_, _| {},
                 &mut |r, y| {
-                    if let Some(y_ref) = reference.get(&r) {
-                        let s = sums.entry(r).or_insert((0.0, 0.0));
-                        for (a, b) in y.iter().zip(y_ref) {
-                            let d = f64::from(*a) - f64::from(*b);
-                            s.0 += d * d;
-                            s.1 += f64::from(*b) * f64::from(*b);
-                        }
+                    if reference.contains_key(&r) {
+                        outputs.push((r, y.to_vec()));
                     }
                 },
             )?;
         }
         chunk.copy_from_slice(if c.sequential { &quant_out } else { &float_out });
-    }
+        Ok((reference, outputs))
+    };
+    // The sums run in chunk order, element by element, whatever device computed the chunk.
+    for_each_chunk(&c.devices(), h.chunks_mut(per_chunk), &work, &mut |(
+        reference,
+        outputs,
+    )| {
+        for (r, y) in outputs {
+            if let Some(y_ref) = reference.get(&r) {
+                let s = sums.entry(r).or_insert((0.0, 0.0));
+                for (a, b) in y.iter().zip(y_ref) {
+                    let d = f64::from(*a) - f64::from(*b);
+                    s.0 += d * d;
+                    s.1 += f64::from(*b) * f64::from(*b);
+                }
+            }
+        }
+        Ok(())
+    })?;
     Ok(measured
         .into_iter()
         .filter_map(|(r, name)| {
@@ -887,8 +963,8 @@ fn propagate(
 pub const CHUNK_TOKENS: usize = 1024;
 
 /// Runs block `block` with its current tensors on `h` (updated in place), a chunk of
-/// sequences at a time; `tap` sees each subset input chunk by chunk, in token order. With
-/// `until`, each chunk stops after that tap (`h` is then left partly updated).
+/// sequences at a time; `tap` sees each subset input of `keep` chunk by chunk, in token order.
+/// With `until`, each chunk stops after that tap (`h` is then left partly updated).
 #[allow(clippy::too_many_arguments)]
 fn forward_block(
     model: &Model,
@@ -898,22 +974,35 @@ fn forward_block(
     c: &Calibration<'_>,
     h: &mut [f32],
     until: Option<Tap>,
+    keep: &[Tap],
     tap: &mut dyn FnMut(Tap, &[f32]),
 ) -> Result<(), ScheduleError> {
     // Borrows the block's tensors: no copy of the weights per pass.
     let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
     let seqlen = c.windows.seqlen();
     let per_chunk = c.chunk_len(model.config.hidden_size);
-    for chunk in h.chunks_mut(per_chunk) {
+    let work = |dev: &dyn Device, chunk: &mut [f32]| {
         let n = chunk.len() / (seqlen * model.config.hidden_size);
+        let mut seen: Vec<(Tap, Vec<f32>)> = Vec::new();
+        let mut record = |t: Tap, x: &[f32]| {
+            if keep.contains(&t) {
+                seen.push((t, x.to_vec()));
+            }
+        };
         match until {
             Some(last) => {
-                block_forward_until(c.device, &model.config, &w, chunk, n, seqlen, last, tap)?
+                block_forward_until(dev, &model.config, &w, chunk, n, seqlen, last, &mut record)?
             }
-            None => block_forward(c.device, &model.config, &w, chunk, n, seqlen, tap)?,
+            None => block_forward(dev, &model.config, &w, chunk, n, seqlen, &mut record)?,
         }
-    }
-    Ok(())
+        Ok(seen)
+    };
+    for_each_chunk(&c.devices(), h.chunks_mut(per_chunk), &work, &mut |seen| {
+        for (t, x) in seen {
+            tap(t, &x);
+        }
+        Ok(())
+    })
 }
 
 /// Where the block's last statistics pass stopped, chunk by chunk: the residual stream and the
@@ -962,31 +1051,8 @@ fn collect_stats(
         return Ok(());
     };
     let last = Tap::ALL[last];
-    let mut failure = None;
-    let mut gram = Vec::new();
-    let mut tap = |t: Tap, x: &[f32]| {
-        for (i, acc) in pending.iter_mut() {
-            if subsets[*i].tap != t {
-                continue;
-            }
-            let k = tap_width(&model.config, t);
-            let acc = acc.get_or_insert_with(|| Accumulator::new(request, k));
-            acc.observe(x, &mut |x, m, k, h| {
-                gram.clear();
-                gram.resize(k * k, 0.0f32);
-                match c.device.xtx_accumulate(x, m, k, &mut gram) {
-                    Ok(()) => {
-                        for (s, g) in h.iter_mut().zip(&gram) {
-                            *s += f64::from(*g);
-                        }
-                    }
-                    Err(e) => {
-                        failure.get_or_insert(e);
-                    }
-                }
-            });
-        }
-    };
+    let hessian = request.contains(StatKind::HESSIAN);
+    let observed: Vec<Tap> = pending.iter().map(|(i, _)| subsets[*i].tap).collect();
     let w = BlockWeights::load_from(&model.config, family, block, tensors)?;
     let seqlen = c.windows.seqlen();
     let hidden = model.config.hidden_size;
@@ -1002,12 +1068,33 @@ fn collect_stats(
                 .map(|h| (None, h.to_vec(), Vec::new()))
                 .collect(),
         };
-    let mut chunks = Vec::with_capacity(starts.len());
-    for (at, mut h, x) in starts {
+    /// One chunk's pass: where it stopped, and every observed tap value with its `XᵀX` in f32.
+    type Observed = (Vec<f32>, Vec<f32>, Vec<(Tap, Vec<f32>, Vec<f32>)>);
+    let work = |dev: &dyn Device,
+                (at, mut h, x): (Option<Tap>, Vec<f32>, Vec<f32>)|
+     -> Result<Observed, ForwardError> {
         let n = h.len() / (seqlen * hidden);
+        let mut seen = Vec::new();
+        let mut failure = None;
+        let mut tap = |t: Tap, x: &[f32]| {
+            if !observed.contains(&t) || failure.is_some() {
+                return;
+            }
+            // The chunk's XᵀX in f32, one device GEMM (summed across chunks in f64 below).
+            let mut gram = Vec::new();
+            if hessian {
+                let k = tap_width(&model.config, t);
+                gram.resize(k * k, 0.0f32);
+                if let Err(e) = dev.xtx_accumulate(x, x.len() / k.max(1), k, &mut gram) {
+                    failure = Some(e);
+                    return;
+                }
+            }
+            seen.push((t, x.to_vec(), gram));
+        };
         let from = at.map(|t| (t, x));
         let x = block_forward_resume(
-            c.device,
+            dev,
             &model.config,
             &w,
             &mut h,
@@ -1017,11 +1104,31 @@ fn collect_stats(
             last,
             &mut tap,
         )?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        Ok((h, x, seen))
+    };
+    let mut chunks = Vec::with_capacity(starts.len());
+    // Accumulated in chunk order, whatever device computed the chunk.
+    for_each_chunk(&c.devices(), starts, &work, &mut |(h, x, seen)| {
+        for (t, x, gram) in &seen {
+            for (i, acc) in pending.iter_mut() {
+                if subsets[*i].tap != *t {
+                    continue;
+                }
+                let k = tap_width(&model.config, *t);
+                let acc = acc.get_or_insert_with(|| Accumulator::new(request, k));
+                acc.observe(x, &mut |_, _, _, h| {
+                    for (s, g) in h.iter_mut().zip(gram) {
+                        *s += f64::from(*g);
+                    }
+                });
+            }
+        }
         chunks.push((h, x));
-    }
-    if let Some(e) = failure {
-        return Err(ForwardError::from(e).into());
-    }
+        Ok(())
+    })?;
     let bytes: usize = chunks.iter().map(|(h, x)| 4 * (h.len() + x.len())).sum();
     if bytes <= PAUSE_BUDGET {
         *paused = Some(Paused { at: last, chunks });
@@ -1071,6 +1178,7 @@ impl<'a> InspectedModule<'a, '_> {
             self.calibration,
             &mut h,
             Some(tap),
+            &[tap],
             &mut |t, x| {
                 if t == tap {
                     captured.extend_from_slice(x);

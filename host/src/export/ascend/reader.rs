@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use gs_quant::{dequantize_int, Granularity, QParams};
 use serde_json::Value;
 
-use super::writer::{deq_scales, quant_bias};
+use super::rules::{deq_scales, quant_bias};
 use super::{dynamic_input_args, static_input_args, AscendType, DESCRIPTION_FILE, NAMING};
 use crate::export::{Codes, DecodedCheckpoint, DecodedLayer, ExportError};
 use crate::manifest::ExportFormat;

@@ -7,7 +7,10 @@ use gs_quant::{Granularity, ScaleDtype};
 use serde_json::{Map, Value};
 
 use super::reader::AscendCheckpoint;
-use super::{check_scheme, AscendType, DESCRIPTION_FILE, NAMING};
+use super::rules::{
+    check_group, check_scheme, deq_scale_i64, deq_scales, quant_bias, same_group_size,
+};
+use super::{AscendType, DESCRIPTION_FILE, NAMING};
 use crate::arch::Family;
 use crate::export::files::{add_extra_file, copy_source_files, source_dtype_bytes};
 use crate::export::staging::Staging;
@@ -250,13 +253,8 @@ impl<'m> AscendExport<'m> {
         let scale_shape = match qp.granularity {
             Granularity::Channel => vec![out, 1],
             Granularity::Group(g) => {
-                let g = g as usize;
-                if inp % g != 0 {
-                    return Err(bad(format!(
-                        "group size {g} does not divide the {inp} input columns; Ascend's weight_scale [out, in/group_size] has no short last group: choose a group size that divides every layer's input width"
-                    )));
-                }
-                vec![out, inp / g]
+                check_group(g, inp).map_err(bad)?;
+                vec![out, inp / g as usize]
             }
             Granularity::Tensor => return Err(bad("per-tensor weight scales".into())),
         };
@@ -266,13 +264,12 @@ impl<'m> AscendExport<'m> {
                 qp.scales.len()
             )));
         }
-        let group = match (qp.granularity, &self.group_size) {
-            (Granularity::Group(g), Some((g0, first))) if *g0 != g => {
-                return Err(bad(format!(
-                    "per-group weights with group size {g}, but {first} uses group size {g0}: quant_model_description.json has a single group_size, so every per-group layer must use the same one"
-                )))
+        let group = match qp.granularity {
+            Granularity::Group(g) => {
+                let first = self.group_size.as_ref().map(|(g0, l)| (*g0, l.as_str()));
+                same_group_size(first, &l.name, g).map_err(ExportError::Verification)?;
+                first.is_none().then_some(g)
             }
-            (Granularity::Group(g), None) => Some(g),
             _ => None,
         };
         self.warn_engine_limits(l, ty);
@@ -612,47 +609,4 @@ pub(super) fn stored_bias(b: &[f32], dtype: DType) -> Vec<f32> {
         _ => ScaleDtype::F32,
     };
     b.iter().map(|&v| round.round(v)).collect()
-}
-
-/// `deq_scale[n] = input_scale · weight_scale[n]` in f32 (msModelSlim V1 `on_w8a8_static`).
-pub(super) fn deq_scales(input_scale: f32, weight_scales: &[f32]) -> Vec<f32> {
-    weight_scales.iter().map(|&w| input_scale * w).collect()
-}
-
-/// The I64 form of a `deq_scale` (models that are not bf16): the f32 bit pattern viewed as
-/// int32, sign-extended to int64 (msModelSlim `deqscale2int64`:
-/// `np.frombuffer(f32 bytes, int32).astype(int64)`).
-pub(super) fn deq_scale_i64(d: f32) -> i64 {
-    i64::from(d.to_bits() as i32)
-}
-
-/// `quant_bias[n] = round(bias[n]/deq[n] − input_offset·Σ_k q[n,k])`, in f32, rounded half to
-/// even and cast to int32 (msModelSlim V1 `on_w8a8_static`: `torch.round(fp_weight_bias /
-/// deq_scale − quant_weight.float().sum(1) · input_offset.float())`). It folds the bias and
-/// the activation offset into the int32 accumulator of `npu_quant_matmul`:
-/// `y = deq·(Σ_k q_w·q_x + quant_bias)` with `q_x = round(x/s + o)`.
-pub(super) fn quant_bias(
-    bias: &[f32],
-    deq: &[f32],
-    input_offset: i32,
-    q: &[i8],
-    cols: usize,
-) -> Result<Vec<i32>, String> {
-    let offset = input_offset as f32;
-    q.chunks_exact(cols)
-        .zip(bias.iter().zip(deq))
-        .enumerate()
-        .map(|(n, (row, (&b, &d)))| {
-            // Exact: |Σ| ≤ 128·cols < 2^24 for any real layer width.
-            let rowsum = row.iter().map(|&v| i64::from(v)).sum::<i64>() as f32;
-            let v = (b / d - rowsum * offset).round_ties_even();
-            if v.is_finite() && v >= i32::MIN as f32 && v < i32::MAX as f32 {
-                Ok(v as i32)
-            } else {
-                Err(format!(
-                    "row {n}: quant_bias = round({b}/{d} − {offset}·{rowsum}) = {v} does not fit int32 (the bias is too large for the row's deq_scale)"
-                ))
-            }
-        })
-        .collect()
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use gs_quant::{fake_quantize, ActArgs, Granularity, QuantArgs, QuantType, ScaleRule, Scheme};
 use serde_json::{json, Value};
 
-use super::writer::{deq_scale_i64, quant_bias, stored_bias};
+use super::rules::{deq_scale_i64, quant_bias};
+use super::writer::stored_bias;
 use super::*;
 use crate::export::{
     begin, open_checkpoint, Codes, DecodedCheckpoint, ExportError, ExportOptions, Exporter,
