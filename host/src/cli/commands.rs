@@ -312,6 +312,12 @@ fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
     }
     let model = Model::open(&manifest.model.path)
         .with_context(|| format!("cannot open the model of {mpath}"))?;
+    // Before any work: a NaN or infinity would surface blocks later as a plugin result the
+    // host refuses (or, in a tensor no stage touches, be copied into the output).
+    model
+        .weights
+        .check_finite()
+        .with_context(|| format!("cannot quantize the model of {mpath}"))?;
     // The output is checked again when the run starts; here so a long run cannot fail at its end.
     Staging::check(&manifest.export.output, &model.dir, force)
         .with_context(|| format!("{mpath}: [export] output"))?;
@@ -606,6 +612,7 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
         require_qparams: format != ExportFormat::Fake,
         calibration: calibration.as_ref(),
         eval: in_run.as_ref(),
+        stage_timeout: manifest.run.stage_timeout,
     };
     let summary = scheduler::run(&spec, &mut stages, &mut export)?;
     let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
