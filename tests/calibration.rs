@@ -75,6 +75,7 @@ fn run_chunked(algorithms: &[&str], chunk_tokens: usize) -> RunSummary {
         require_qparams: false,
         calibration: Some(&calib),
         eval: None,
+        stage_timeout: None,
     };
     scheduler::run(&spec, &mut stages, &mut Discard).unwrap()
 }

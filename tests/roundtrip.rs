@@ -192,6 +192,7 @@ fn round_trip_pipeline(format: &str, dtype: &str, quant: &str, stages: &[(&str, 
         require_qparams: fmt != ExportFormat::Fake,
         calibration: Some(&c),
         eval: Some(&e),
+        stage_timeout: None,
     };
     let options = ExportOptions {
         force: false,

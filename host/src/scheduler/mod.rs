@@ -16,6 +16,8 @@
 //! (sequential, GPTQ-style), or the float block output is fed instead (`[run] sequential =
 //! false`).
 
+mod watchdog;
+
 use std::collections::BTreeMap;
 
 use std::borrow::Cow;
@@ -356,6 +358,10 @@ pub struct RunSpec<'a> {
     pub require_qparams: bool,
     pub calibration: Option<&'a Calibration<'a>>,
     pub eval: Option<&'a InRunEval<'a>>,
+    /// The longest one stage may take on one subset. A call that overruns cannot be stopped:
+    /// the process removes its uncommitted outputs, reports the call and exits with status 1
+    /// (see [`watchdog`]). `None`: no limit.
+    pub stage_timeout: Option<std::time::Duration>,
 }
 
 /// Runs `stages` over every block; the sink receives each block's quantized layers and other
@@ -410,6 +416,7 @@ pub fn run(
         }
         _ => (None, None),
     };
+    let watchdog = spec.stage_timeout.map(watchdog::Watchdog::new);
     // Learned in the first block: which stages change weights (see `collect_stats`).
     let mut modifies = vec![false; stages.len()];
     for block in 0..n_blocks {
@@ -470,7 +477,18 @@ pub fn run(
                     weights: OnceCell::new(),
                 });
                 run.forward = module.as_ref().map(|m| m as &dyn ModuleForward);
-                stage.transform(&mut run)?;
+                let armed = watchdog.as_ref().map(|w| {
+                    w.arm(format!(
+                        "plugin `{}` algorithm `{}` on block {block} subset `{}` ({})",
+                        stage.plugin.name,
+                        stage.name,
+                        subset.name,
+                        subset.layers.join(", ")
+                    ))
+                });
+                let done = stage.transform(&mut run);
+                drop(armed);
+                done?;
                 // Keep only what the stage changed; the borrows of `tensors` end here.
                 let SubsetRun {
                     layers, prev_op, ..
