@@ -614,7 +614,12 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
         eval: in_run.as_ref(),
         stage_timeout: manifest.run.stage_timeout,
     };
-    let summary = scheduler::run(&spec, &mut stages, &mut export)?;
+    // Write errors name the staging file; say which output they are about.
+    let writing = || format!("cannot write {}", output.display());
+    let summary = scheduler::run(&spec, &mut stages, &mut export).map_err(|e| match e {
+        scheduler::ScheduleError::Sink(_) => anyhow::Error::new(e).context(writing()),
+        e => e.into(),
+    })?;
     let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
     let provenance = provenance(
         &manifest,
@@ -624,10 +629,16 @@ fn run(source: Source, dirs: &[PathBuf], force: bool) -> Result<()> {
         &summary,
         windows.as_ref(),
     )?;
-    export.add_file(RUN_RECORD, provenance.as_bytes())?;
-    export.add_file(REPORT_JSON, report.to_json().as_bytes())?;
-    export.add_file(REPORT_SVG, report.render_svg()?.as_bytes())?;
-    export.finish()?;
+    export
+        .add_file(RUN_RECORD, provenance.as_bytes())
+        .with_context(writing)?;
+    export
+        .add_file(REPORT_JSON, report.to_json().as_bytes())
+        .with_context(writing)?;
+    export
+        .add_file(REPORT_SVG, report.render_svg()?.as_bytes())
+        .with_context(writing)?;
+    export.finish().with_context(writing)?;
     let quantized = summary
         .layers
         .iter()
