@@ -324,8 +324,10 @@ fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
     let family = arch::family_for(
         &model.config.architectures,
         &model.config.path.display().to_string(),
-    )?;
-    scheduler::validate(&family, &model, &manifest.plan)?;
+    )
+    .with_context(|| format!("cannot quantize the model of {mpath}"))?;
+    scheduler::validate(&family, &model, &manifest.plan)
+        .with_context(|| format!("cannot quantize the model of {mpath}"))?;
     let linears = scheduler::all_linears(&family, &model);
     let format = manifest.export.format;
     for name in &linears {
