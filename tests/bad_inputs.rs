@@ -939,8 +939,12 @@ fn cases() -> Vec<Case> {
         Case {
             name: "manifest without [model]",
             build: |c| {
-                let text = c.rtn("").replacen("[model]\npath", "[modelx]\npath", 1);
-                Setup::new(c.manifest(&text), &["run.toml:", "modelx"])
+                let path_line = format!("path = \"{}\"\n", c.model.display());
+                let text = c.rtn("").replacen(&format!("[model]\n{path_line}"), "", 1);
+                Setup::new(
+                    c.manifest(&text),
+                    &["run.toml:1:1: missing required section [model]"],
+                )
             },
         },
         Case {
