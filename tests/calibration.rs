@@ -84,6 +84,7 @@ fn run_on(algorithms: &[&str], chunk_tokens: usize, devices: usize) -> RunSummar
         calibration: Some(&calib),
         eval: None,
         checkpoint: None,
+        stage_timeout: None,
     };
     scheduler::run(&spec, &mut stages, &mut Discard).unwrap()
 }

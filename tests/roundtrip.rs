@@ -194,6 +194,7 @@ fn round_trip_pipeline(format: &str, dtype: &str, quant: &str, stages: &[(&str, 
         calibration: Some(&c),
         eval: Some(&e),
         checkpoint: None,
+        stage_timeout: None,
     };
     let options = ExportOptions {
         force: false,

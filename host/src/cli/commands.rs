@@ -321,14 +321,22 @@ fn check(source: Source, dirs: &[PathBuf], force: bool) -> Result<Prepared> {
     }
     let model = Model::open(&manifest.model.path)
         .with_context(|| format!("cannot open the model of {mpath}"))?;
+    // Before any work: a NaN or infinity would surface blocks later as a plugin result the
+    // host refuses (or, in a tensor no stage touches, be copied into the output).
+    model
+        .weights
+        .check_finite()
+        .with_context(|| format!("cannot quantize the model of {mpath}"))?;
     // The output is checked again when the run starts; here so a long run cannot fail at its end.
     Staging::check(&manifest.export.output, &model.dir, force)
         .with_context(|| format!("{mpath}: [export] output"))?;
     let family = arch::family_for(
         &model.config.architectures,
         &model.config.path.display().to_string(),
-    )?;
-    scheduler::validate(&family, &model, &manifest.plan)?;
+    )
+    .with_context(|| format!("cannot quantize the model of {mpath}"))?;
+    scheduler::validate(&family, &model, &manifest.plan)
+        .with_context(|| format!("cannot quantize the model of {mpath}"))?;
     let linears = scheduler::all_linears(&family, &model);
     let format = manifest.export.format;
     for name in &linears {
@@ -743,9 +751,18 @@ fn run(
         calibration: calibration.as_ref(),
         eval: in_run.as_ref(),
         checkpoint: checkpoint.as_ref(),
+        stage_timeout: manifest.run.stage_timeout,
     };
+    // Write errors name the staging file; say which output they are about.
+    let writing = || format!("cannot write {}", output.display());
     let summary = match scheduler::run(&spec, &mut stages, &mut export) {
         Ok(s) => s,
+        Err(e @ scheduler::ScheduleError::Sink(_)) => {
+            return Err(keep_progress(
+                checkpoint,
+                anyhow::Error::new(e).context(writing()),
+            ))
+        }
         Err(e) => return Err(keep_progress(checkpoint, e.into())),
     };
     let mut report = build_report(&manifest, &summary, eval_windows.as_ref());
@@ -757,10 +774,16 @@ fn run(
         &summary,
         windows.as_ref(),
     )?;
-    export.add_file(RUN_RECORD, provenance.as_bytes())?;
-    export.add_file(REPORT_JSON, report.to_json().as_bytes())?;
-    export.add_file(REPORT_SVG, report.render_svg()?.as_bytes())?;
-    export.finish()?;
+    export
+        .add_file(RUN_RECORD, provenance.as_bytes())
+        .with_context(writing)?;
+    export
+        .add_file(REPORT_JSON, report.to_json().as_bytes())
+        .with_context(writing)?;
+    export
+        .add_file(REPORT_SVG, report.render_svg()?.as_bytes())
+        .with_context(writing)?;
+    export.finish().with_context(writing)?;
     if let Some(ck) = checkpoint {
         // The output is committed: the checkpoint is no longer needed.
         let dir = ck.dir().to_path_buf();

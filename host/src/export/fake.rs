@@ -102,7 +102,7 @@ impl<'m> FakeQuantExport<'m> {
             file.write_all(&header_bytes)
                 .map_err(ExportError::io("write", &path))?;
             file.set_len(header_bytes.len() as u64 + data_len)
-                .map_err(ExportError::io("size", &path))?;
+                .map_err(ExportError::io("allocate the data of", &path))?;
             shards.push(ShardPlan {
                 path,
                 data_start: header_bytes.len() as u64,

@@ -38,7 +38,7 @@ mod writer;
 pub use error::ExportError;
 pub use fake::{ExportSummary, FakeQuantExport};
 pub use layer::{dequantize, model_scale_dtype, Codes, FinalizeError, NumberRules, QuantLayer};
-pub use staging::Staging;
+pub use staging::{discard_uncommitted, Staging};
 pub use writer::{ShardNaming, ShardedWriter, WrittenShards};
 
 #[allow(unused_imports)] // used by the format modules

@@ -7,6 +7,7 @@ use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 use super::error::ExportError;
 use super::RUN_RECORD;
@@ -23,31 +24,90 @@ pub struct Staging {
     output: PathBuf,
     temp: Option<PathBuf>,
     force: bool,
+    /// Parent directories of the output that `begin` created, deepest first: removed again
+    /// (when still empty) if the output is never committed.
+    created: Vec<PathBuf>,
+}
+
+/// Staging directories of this process not yet committed or dropped, with the parent
+/// directories created for them, for [`discard_uncommitted`].
+static UNCOMMITTED: Mutex<Vec<(PathBuf, Vec<PathBuf>)>> = Mutex::new(Vec::new());
+
+fn uncommitted() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Vec<PathBuf>)>> {
+    // A panic while holding the lock leaves a valid list: keep using it.
+    UNCOMMITTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes every staging directory of this process that is not committed yet. For a process
+/// about to exit without unwinding (a plugin call that timed out cannot be stopped, so the
+/// [`Staging`] that owns the directory is never dropped).
+pub fn discard_uncommitted() {
+    for (temp, created) in uncommitted().drain(..) {
+        discard(&temp, &created);
+    }
+}
+
+/// Removes a staging directory and then the parents created for it, deepest first, as long
+/// as they are empty (something else may have been put there meanwhile).
+fn discard(temp: &Path, created: &[PathBuf]) {
+    if let Err(e) = fs::remove_dir_all(temp) {
+        tracing::warn!(path = %temp.display(), error = %e, "could not remove staging directory");
+    }
+    remove_created(created);
+}
+
+/// Removes the directories `begin` created, deepest first, stopping at the first that cannot
+/// be removed (not empty); missing ones (never made, when creating failed) are passed over.
+fn remove_created(created: &[PathBuf]) {
+    for dir in created {
+        match fs::remove_dir(dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => break,
+            _ => {}
+        }
+    }
 }
 
 impl Staging {
     /// Checks the output path against the source model and prepares a staging directory.
     ///
-    /// Refused: see [`Staging::check`]. Missing parent directories of the output are created.
+    /// Refused: see [`Staging::check`]. Missing parent directories of the output are created
+    /// (and removed again if the output is never committed).
     pub fn begin(
         output: &Path,
         source_model_dir: &Path,
         force: bool,
     ) -> Result<Staging, ExportError> {
         let (output, name, parent) = Staging::check(output, source_model_dir, force)?;
-        fs::create_dir_all(&parent).map_err(ExportError::io("create", &parent))?;
+        let created: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|d| fs::symlink_metadata(d).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        if let Err(e) = fs::create_dir_all(&parent) {
+            // create_dir_all may have made some of them before failing.
+            remove_created(&created);
+            return Err(ExportError::io("create", &parent)(e));
+        }
         let mut prefix = OsString::from(".");
         prefix.push(&name);
         prefix.push(".gs-tmp-");
         remove_stale_staging(&parent, &prefix);
         // The pid in the name tells a later run whether the writer is still alive.
         prefix.push(format!("{}-", std::process::id()));
-        let temp = create_unique_dir(&parent, &prefix)?;
+        let temp = match create_unique_dir(&parent, &prefix) {
+            Ok(t) => t,
+            Err(e) => {
+                remove_created(&created);
+                return Err(e);
+            }
+        };
+        uncommitted().push((temp.clone(), created.clone()));
         tracing::debug!(output = %output.display(), staging = %temp.display(), "staging output");
         Ok(Staging {
             output,
             temp: Some(temp),
             force,
+            created,
         })
     }
 
@@ -166,6 +226,7 @@ impl Staging {
             });
         }
         self.temp = None;
+        uncommitted().retain(|(p, _)| *p != temp);
         sync_dir(&parent)?;
         if let Some(old) = old {
             // The new output is in place; failing to delete the old copy only wastes space.
@@ -188,10 +249,9 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if let Some(temp) = self.temp.take() {
+            uncommitted().retain(|(p, _)| *p != temp);
             tracing::debug!(staging = %temp.display(), "discarding uncommitted output");
-            if let Err(e) = fs::remove_dir_all(&temp) {
-                tracing::warn!(path = %temp.display(), error = %e, "could not remove staging directory");
-            }
+            discard(&temp, &self.created);
         }
     }
 }
@@ -458,6 +518,25 @@ mod tests {
     }
 
     #[test]
+    fn dropped_staging_removes_the_parents_it_created() {
+        let (root, src) = setup();
+        fs::create_dir(root.path().join("a")).unwrap();
+        {
+            let st = Staging::begin(&root.path().join("a/b/c/out"), &src, false).unwrap();
+            fs::write(st.path().join("x"), b"partial").unwrap();
+        }
+        assert_eq!(siblings(root.path()), ["a", "src"], "b/c removed, a kept");
+        assert!(siblings(&root.path().join("a")).is_empty());
+        // One that gained other contents meanwhile stays.
+        {
+            let st = Staging::begin(&root.path().join("a/b/out"), &src, false).unwrap();
+            fs::write(root.path().join("a/b/theirs"), b"keep").unwrap();
+            drop(st);
+        }
+        assert_eq!(siblings(&root.path().join("a/b")), ["theirs"]);
+    }
+
+    #[test]
     fn dropped_staging_leaves_nothing() {
         let (root, src) = setup();
         let out = root.path().join("out");
@@ -468,6 +547,26 @@ mod tests {
         }
         assert!(!out.exists());
         assert_eq!(siblings(root.path()), ["src"]);
+    }
+
+    #[test]
+    fn uncommitted_staging_directories_are_registered_until_committed_or_dropped() {
+        // The registry, not `discard_uncommitted` itself: that would also remove the staging
+        // directories of tests running in parallel (the corpus test `plugin taking forever`
+        // covers it end to end).
+        let listed = |p: &Path| uncommitted().iter().any(|(q, _)| q == p);
+        let (root, src) = setup();
+        let out = root.path().join("out");
+        let st = Staging::begin(&out, &src, false).unwrap();
+        let temp = st.path().to_path_buf();
+        assert!(listed(&temp));
+        drop(st);
+        assert!(!listed(&temp));
+        let st = Staging::begin(&out, &src, false).unwrap();
+        let temp = st.path().to_path_buf();
+        assert!(listed(&temp));
+        st.commit().unwrap();
+        assert!(!listed(&temp));
     }
 
     #[test]

@@ -212,6 +212,8 @@ pub struct RunSection {
     /// Measure each quantized layer's relative output error for the report (one extra block
     /// forward per block).
     pub output_error: bool,
+    /// The longest one call of a pipeline stage on one subset may take; `None`: no limit.
+    pub stage_timeout: Option<std::time::Duration>,
 }
 
 impl Default for RunSection {
@@ -219,6 +221,7 @@ impl Default for RunSection {
         RunSection {
             sequential: true,
             output_error: true,
+            stage_timeout: None,
         }
     }
 }
@@ -569,9 +572,26 @@ impl Cx<'_> {
     }
 
     fn run(&self, r: RawRun) -> Result<RunSection, ManifestError> {
+        let stage_timeout = match &r.stage_timeout_s {
+            None => None,
+            Some(v) => Some(
+                std::time::Duration::try_from_secs_f64(*v.get_ref())
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        self.invalid(
+                            v,
+                            "run.stage_timeout_s",
+                            v.get_ref().to_string(),
+                            "expected a positive number of seconds",
+                        )
+                    })?,
+            ),
+        };
         Ok(RunSection {
             sequential: r.sequential.unwrap_or(true),
             output_error: r.output_error.unwrap_or(true),
+            stage_timeout,
         })
     }
 }

@@ -167,6 +167,7 @@ pub(crate) struct RawEval {
 pub(crate) struct RawRun {
     pub sequential: Option<bool>,
     pub output_error: Option<bool>,
+    pub stage_timeout_s: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

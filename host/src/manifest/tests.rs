@@ -126,6 +126,7 @@ windows = 40
 [run]
 sequential = false
 output_error = false
+stage_timeout_s = 90
 "#;
 
 #[test]
@@ -203,7 +204,8 @@ fn full_manifest_parses_every_section() {
         m.run,
         RunSection {
             sequential: false,
-            output_error: false
+            output_error: false,
+            stage_timeout: Some(std::time::Duration::from_secs(90)),
         }
     );
 }
@@ -1029,6 +1031,25 @@ fn numbers_must_be_positive() {
         msg(&format!("{BASE}[eval]\ndataset = \"e\"\nwindows = 0\n"))
             .contains("`eval.windows` = 0")
     );
+}
+
+#[test]
+fn the_stage_timeout_is_a_positive_number_of_seconds() {
+    let run = |v: &str| format!("{BASE}[run]\nstage_timeout_s = {v}\n");
+    assert_eq!(
+        ok(&run("2.5")).run.stage_timeout,
+        Some(std::time::Duration::from_millis(2500))
+    );
+    for bad in ["0", "-1", "nan", "inf"] {
+        let e = msg(&run(bad));
+        assert!(
+            e.contains("`run.stage_timeout_s`")
+                && e.contains("expected a positive number of seconds"),
+            "{bad}: {e}"
+        );
+    }
+    assert!(msg(&run("\"1m\"")).contains("run.stage_timeout_s"));
+    assert_eq!(ok(BASE).run.stage_timeout, None);
 }
 
 #[test]

@@ -161,6 +161,23 @@ pub enum ModelError {
         actual: usize,
     },
 
+    /// A floating-point tensor holds NaN or ±infinity (source weights must be finite: the
+    /// host refuses non-finite results from plugins, so such a weight could never be
+    /// quantized, and copied through it would poison every forward pass).
+    #[error("tensor \"{tensor}\" in {} holds {value} at index {index}{position}; gs-host quantizes only finite weights: repair or re-export the checkpoint", path.display())]
+    NonFinite {
+        /// The tensor.
+        tensor: String,
+        /// Its shard file.
+        path: PathBuf,
+        /// Flat (row-major) index of the first non-finite value.
+        index: usize,
+        /// That value (NaN, inf or -inf).
+        value: f32,
+        /// `" (row r, column c)"` for a matrix, empty otherwise.
+        position: String,
+    },
+
     /// No tensor of that name in the checkpoint.
     #[error("no tensor named \"{name}\" in the model at {}", dir.display())]
     UnknownTensor {

@@ -370,6 +370,85 @@ impl Weights {
         })
     }
 
+    /// The first NaN or ±infinity of tensor `name`, as `(flat index, value)`; `None` when every
+    /// value is finite or the dtype is not a float one converted by [`to_f32`](Self::to_f32)
+    /// (BF16, F16, F32). Reads the data without converting it; the pages are released after.
+    pub fn first_non_finite(&self, name: &str) -> Result<Option<(usize, f32)>, ModelError> {
+        let info = self.info(name)?;
+        let bytes = self.raw_bytes(name)?;
+        // An all-ones exponent is infinity or NaN in every IEEE binary format.
+        let found = match info.dtype {
+            DType::BF16 | DType::F16 => {
+                let exp: u16 = if info.dtype == DType::BF16 {
+                    0x7F80
+                } else {
+                    0x7C00
+                };
+                bytes
+                    .chunks_exact(2)
+                    .position(|b| u16::from_le_bytes([b[0], b[1]]) & exp == exp)
+                    .map(|i| (i, 2))
+            }
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .position(|b| {
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7F80_0000 == 0x7F80_0000
+                })
+                .map(|i| (i, 4)),
+            _ => None,
+        };
+        let found = match found {
+            None => None,
+            Some((i, width)) => {
+                let value = dtype_bytes_to_f32(&bytes[i * width..(i + 1) * width], info.dtype)
+                    .ok()
+                    .and_then(|v| v.first().copied())
+                    .unwrap_or(f32::NAN);
+                Some((i, value))
+            }
+        };
+        self.release(name)?;
+        Ok(found)
+    }
+
+    /// Checks that no floating-point tensor holds NaN or ±infinity: the first one found (in
+    /// name order) is [`ModelError::NonFinite`]. Reads every tensor once (in parallel across
+    /// tensors), releasing the pages as it goes.
+    pub fn check_finite(&self) -> Result<(), ModelError> {
+        use rayon::prelude::*;
+        let names: Vec<&str> = self.names().collect();
+        let first = names
+            .par_iter()
+            .find_map_first(|name| match self.first_non_finite(name) {
+                Ok(None) => None,
+                Ok(Some((index, value))) => Some(self.non_finite(name, index, value)),
+                Err(e) => Some(e),
+            });
+        first.map_or(Ok(()), Err)
+    }
+
+    fn non_finite(&self, name: &str, index: usize, value: f32) -> ModelError {
+        let (path, position) = match self.tensors.get(name) {
+            Some(info) => (
+                info.shard_path.to_path_buf(),
+                match info.shape[..] {
+                    [_, cols] if cols > 0 => {
+                        format!(" (row {}, column {})", index / cols, index % cols)
+                    }
+                    _ => String::new(),
+                },
+            ),
+            None => (self.dir.clone(), String::new()),
+        };
+        ModelError::NonFinite {
+            tensor: name.to_string(),
+            path,
+            index,
+            value,
+            position,
+        }
+    }
+
     /// The shard files, in file-name order.
     pub fn shard_files(&self) -> impl ExactSizeIterator<Item = &Path> {
         self.shards.iter().map(|s| s.path())
@@ -615,6 +694,46 @@ mod tests {
         );
         assert!(w.raw_bytes("model.nope").is_err());
         assert_eq!(w.total_params(), spec.total_params());
+    }
+
+    #[test]
+    fn non_finite_values_are_found_with_their_tensor_and_index_in_every_float_dtype() {
+        for (dtype, bad) in [
+            (DType::F32, f32::NAN),
+            (DType::F16, f32::INFINITY),
+            (DType::BF16, f32::NEG_INFINITY),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut spec = Spec::llama(dtype, 2);
+            write_model(dir.path(), &spec);
+            Weights::open(dir.path()).unwrap().check_finite().unwrap();
+            // Element 13 of the 8 × 8 q_proj of layer 1 (second shard): row 1, column 5.
+            let name = "model.layers.1.self_attn.q_proj.weight";
+            let t = spec.tensors.iter_mut().find(|t| t.name == name).unwrap();
+            let mut v = dtype_bytes_to_f32(&t.bytes, dtype).unwrap();
+            v[13] = bad;
+            v[20] = f32::NAN;
+            t.bytes = f32_to_dtype_bytes(&v, dtype).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            write_model(dir.path(), &spec);
+            let w = Weights::open(dir.path()).unwrap();
+            let (i, found) = w.first_non_finite(name).unwrap().unwrap();
+            assert_eq!(i, 13, "{dtype}");
+            assert!(
+                found.is_nan() == bad.is_nan() && (bad.is_nan() || found == bad),
+                "{dtype}"
+            );
+            let e = w.check_finite().unwrap_err();
+            assert!(matches!(e, ModelError::NonFinite { index: 13, .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(name)
+                    && msg.contains("index 13 (row 1, column 5)")
+                    && msg.contains(&format!("holds {bad}")),
+                "{msg}"
+            );
+            assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+        }
     }
 
     #[test]

@@ -54,6 +54,19 @@ pub fn sha256_file(path: &Path) -> Result<String, PluginError> {
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
+/// An error with its sources (libloading's own text is only "dlopen failed"; the reason the
+/// system gave, e.g. "invalid ELF header", is its source).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 /// Reads the plain `gs_plugin_abi_major` symbol before abi_stable looks at anything, so a plugin
 /// of another major gets a message naming both versions instead of a layout diff.
 fn read_abi_major(path: &Path) -> Result<u32, PluginError> {
@@ -62,7 +75,7 @@ fn read_abi_major(path: &Path) -> Result<u32, PluginError> {
     // because abi_stable keeps pointers into it.
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: with_sources(&e),
     })?;
     let major = {
         // SAFETY: the symbol is declared `extern "C" fn() -> u32` by export_plugin!.

@@ -113,6 +113,8 @@ pub struct Checkpoint {
     saved: Cell<usize>,
     /// `run.json` of a fresh checkpoint, written with the first block.
     pending_run_file: Option<Vec<u8>>,
+    /// Set when a save failed: the run goes on without a checkpoint.
+    disabled: Cell<bool>,
 }
 
 impl Checkpoint {
@@ -156,6 +158,7 @@ impl Checkpoint {
                     resumable: 0,
                     saved: Cell::new(0),
                     pending_run_file: None,
+                    disabled: Cell::new(false),
                 };
                 ck.resumable = ck.verified_blocks(blocks);
                 ck.saved.set(ck.resumable);
@@ -204,6 +207,7 @@ impl Checkpoint {
             pending_run_file: Some(
                 serde_json::to_vec_pretty(&fingerprint.to_json()).unwrap_or_default(),
             ),
+            disabled: Cell::new(false),
         })
     }
 
@@ -277,6 +281,23 @@ impl Checkpoint {
         BlockState::decode(&bytes)
             .map(Some)
             .map_err(|message| CheckpointError::Corrupt { path, message })
+    }
+
+    /// Saves `block`'s stage result; a failure (a full disk, say) is logged and ends
+    /// checkpointing for the run rather than the run itself: the checkpoint only serves a
+    /// resume, and the output's own writes report a real write problem naming the output.
+    pub fn record(&self, block: usize, state: &BlockState) {
+        if self.disabled.get() {
+            return;
+        }
+        if let Err(e) = self.save(block, state) {
+            self.disabled.set(true);
+            let _ = fs::remove_file(self.block_file(block).with_extension("tmp"));
+            if self.saved() == 0 {
+                let _ = fs::remove_dir_all(&self.dir);
+            }
+            tracing::warn!(error = %e, "cannot save the checkpoint; the run goes on without one (it cannot be resumed past block {})", self.saved());
+        }
     }
 
     /// Saves `block`'s stage result (file first, then its hash).
@@ -702,6 +723,20 @@ mod tests {
         assert!(back.layers[1].metrics[0].2.is_nan());
         assert_eq!(back.layers[2], s.layers[2]);
         assert_eq!(back.modifies, s.modifies);
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_written_is_given_up_not_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(".out.gs-checkpoint");
+        let ck = Checkpoint::open(&dir, &fingerprint("a"), 3, false).unwrap();
+        // A file appears where the directory should be created.
+        fs::write(&dir, b"").unwrap();
+        assert!(ck.save(0, &state()).is_err());
+        ck.record(0, &state());
+        ck.record(1, &state());
+        assert_eq!(ck.saved(), 0);
+        assert!(ck.disabled.get());
     }
 
     #[test]

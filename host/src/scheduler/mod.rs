@@ -16,6 +16,8 @@
 //! (sequential, GPTQ-style), or the float block output is fed instead (`[run] sequential =
 //! false`).
 
+mod watchdog;
+
 use std::collections::BTreeMap;
 
 use std::borrow::Cow;
@@ -73,6 +75,20 @@ pub enum ScheduleError {
     Sink(String),
     #[error(transparent)]
     Finalize(#[from] FinalizeError),
+    #[error("the model at {} has no tensor \"{tensor}\", which {config} implies (num_hidden_layers = {blocks}, every block has the {role} projection); the checkpoint and its config.json disagree", dir.display())]
+    MissingLinear {
+        tensor: String,
+        dir: PathBuf,
+        config: String,
+        blocks: usize,
+        role: &'static str,
+    },
+    #[error("tensor \"{tensor}\" in {} has dtype {dtype}; gs-host quantizes float checkpoints (BF16, F16, F32): is this checkpoint already quantized?", file.display())]
+    NotFloat {
+        tensor: String,
+        file: PathBuf,
+        dtype: DType,
+    },
     #[error("{layer}: its scheme quantizes weights, but no pipeline stage quantized it (set qparams); the output format stores quantized codes, so add a quantizing stage such as `rtn` after the others, or skip the layer in [[quant.override]]")]
     NotQuantized { layer: String },
     #[error(transparent)]
@@ -137,8 +153,8 @@ pub fn all_linears(family: &Family, model: &Model) -> Vec<String> {
 }
 
 /// Checks, before any work and without reading tensor data, that every linear layer exists
-/// with the shape config.json implies and that its scheme fits it (a group size must divide
-/// the input columns).
+/// with a float dtype and the shape config.json implies, and that its scheme fits it (a group
+/// size must divide the input columns).
 pub fn validate(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), ScheduleError> {
     let c = &model.config;
     for block in 0..c.num_hidden_layers {
@@ -152,7 +168,23 @@ pub fn validate(family: &Family, model: &Model, plan: &QuantPlan) -> Result<(), 
                 LinearRole::Down => "hidden_size × intermediate_size",
             };
             let tensor = family.block_tensor(block, family.modules.linear(role), "weight");
-            let found = model.weights.info(&tensor)?.shape().to_vec();
+            let Ok(info) = model.weights.info(&tensor) else {
+                return Err(ScheduleError::MissingLinear {
+                    tensor,
+                    dir: model.dir.clone(),
+                    config: c.path.display().to_string(),
+                    blocks: c.num_hidden_layers,
+                    role: role.name(),
+                });
+            };
+            if !info.dtype().converts_to_f32() {
+                return Err(ScheduleError::NotFloat {
+                    file: info.shard_path().to_path_buf(),
+                    dtype: info.dtype(),
+                    tensor,
+                });
+            }
+            let found = info.shape().to_vec();
             if found != expected {
                 return Err(ScheduleError::ShapeMismatch(Box::new(ShapeMismatch {
                     tensor,
@@ -425,6 +457,10 @@ pub struct RunSpec<'a> {
     pub eval: Option<&'a InRunEval<'a>>,
     /// Saves each block's stage result, and replays the blocks an interrupted run saved.
     pub checkpoint: Option<&'a Checkpoint>,
+    /// The longest one stage may take on one subset. A call that overruns cannot be stopped:
+    /// the process removes its uncommitted outputs, reports the call and exits with status 1
+    /// (see [`watchdog`]). `None`: no limit.
+    pub stage_timeout: Option<std::time::Duration>,
 }
 
 /// Runs `stages` over every block; the sink receives each block's quantized layers and other
@@ -479,6 +515,7 @@ pub fn run(
         }
         _ => (None, None),
     };
+    let watchdog = spec.stage_timeout.map(watchdog::Watchdog::new);
     // Learned in the first block: which stages change weights (see `collect_stats`).
     let mut modifies = vec![false; stages.len()];
     for block in 0..n_blocks {
@@ -557,7 +594,18 @@ pub fn run(
                         weights: OnceCell::new(),
                     });
                     run.forward = module.as_ref().map(|m| m as &dyn ModuleForward);
-                    stage.transform(&mut run)?;
+                    let armed = watchdog.as_ref().map(|w| {
+                        w.arm(format!(
+                            "plugin `{}` algorithm `{}` on block {block} subset `{}` ({})",
+                            stage.plugin.name,
+                            stage.name,
+                            subset.name,
+                            subset.layers.join(", ")
+                        ))
+                    });
+                    let done = stage.transform(&mut run);
+                    drop(armed);
+                    done?;
                     // Keep only what the stage changed; the borrows of `tensors` end here.
                     let SubsetRun {
                         layers, prev_op, ..
@@ -618,7 +666,7 @@ pub fn run(
             for l in &mut state.layers {
                 l.rel_output_error = reports.get(&l.name).and_then(|r| r.rel_output_error);
             }
-            ck.save(block, &state)?;
+            ck.record(block, &state);
         }
         if let (Some(stream), Some(e)) = (float_eval.as_mut(), spec.eval) {
             let w = BlockWeights::load_from(&model.config, family, block, &model.weights)?;
@@ -1544,6 +1592,42 @@ mod tests {
                 && e.contains("implies [16, 8]")
                 && e.contains("intermediate_size × hidden_size")
                 && e.contains("config.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_integer_linear_is_refused_naming_it() {
+        let spec = Spec::llama(DType::F32, 1);
+        let family = crate::arch::family_for(&["LlamaForCausalLM".to_string()], "c").unwrap();
+        let write = |spec: &Spec| {
+            let dir = tempfile::tempdir().unwrap();
+            write_model(dir.path(), spec);
+            let model = Model::open(dir.path()).unwrap();
+            (dir, model)
+        };
+        let name = "model.layers.1.self_attn.o_proj.weight";
+        let mut int = spec.clone();
+        int.tensors
+            .iter_mut()
+            .find(|t| t.name == name)
+            .unwrap()
+            .dtype = DType::I32;
+        let (_d, model) = write(&int);
+        let e = validate(&family, &model, &plan()).unwrap_err().to_string();
+        assert!(
+            e.contains(name) && e.contains("model.safetensors") && e.contains("dtype I32"),
+            "{e}"
+        );
+
+        let mut missing = spec.clone();
+        missing.tensors.retain(|t| t.name != name);
+        let (_d, model) = write(&missing);
+        let e = validate(&family, &model, &plan()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("no tensor \"{name}\""))
+                && e.contains("num_hidden_layers = 2")
+                && e.contains("the o projection"),
             "{e}"
         );
     }

@@ -107,6 +107,22 @@ impl Algorithm for WrongShape {
     }
 }
 
+/// Never returns from `transform` (a hung algorithm; the host's `[run] stage_timeout_s` must
+/// stop the run).
+pub struct SleepsForever;
+impl Algorithm for SleepsForever {
+    const NAME: &'static str = "test_sleep";
+    const SUMMARY: &'static str = "never returns from transform";
+    fn from_params(_: &str) -> Result<Self, PluginError> {
+        Ok(SleepsForever)
+    }
+    fn transform(&mut self, _: &mut Subset<'_>) -> Result<(), PluginError> {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// Asks for calibration statistics (a data-free host must refuse it up front).
 pub struct NeedsStats;
 impl Algorithm for NeedsStats {
@@ -231,6 +247,7 @@ export_plugin! {
         WritesReadOnly,
         LogFlood,
         WrongShape,
+        SleepsForever,
         NeedsStats,
         StatsProbe,
         DoubleNorm,
