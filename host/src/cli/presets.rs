@@ -601,7 +601,10 @@ mod tests {
         assert_eq!(stages(&expand("w4a16-awq", ct)), ["awq "]);
         assert_eq!(
             stages(&expand("w4a16-awq-gptq", ct)),
-            ["awq clip = false\nquantize = false", "gptq "]
+            [
+                "awq clip = false\nduo_scaling = true\nquantize = false",
+                "gptq "
+            ]
         );
         assert_eq!(
             stages(&expand("w8a8-smoothquant", ct)),
