@@ -23,7 +23,7 @@ use ascendcl_sys::{AclError, DeviceBuffer, Element, GemmDims, GemmInput, Runtime
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::{check_len, checked_mul, AttnShape, CpuDevice, Device, DeviceError};
+use super::{check_matmul_t, check_xtx, AttnShape, CpuDevice, Device, DeviceError};
 
 /// The element type the GEMM inputs are converted to before they go to the NPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -372,10 +372,7 @@ impl Device for AscendDevice {
         n: usize,
     ) -> Result<(), DeviceError> {
         const OP: &str = "matmul_t";
-        let shape = || format!("x [m={m}, k={k}], w [n={n}, k={k}], out [m={m}, n={n}]");
-        check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
-        check_len(OP, "w", w.len(), checked_mul(OP, &[n, k])?, shape)?;
-        check_len(OP, "out", out.len(), checked_mul(OP, &[m, n])?, shape)?;
+        check_matmul_t(x.len(), w.len(), out.len(), (m, k, n))?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -449,9 +446,7 @@ impl Device for AscendDevice {
         h: &mut [f32],
     ) -> Result<(), DeviceError> {
         const OP: &str = "xtx_accumulate";
-        let shape = || format!("x [m={m}, k={k}], h [k={k}, k={k}]");
-        check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
-        check_len(OP, "h", h.len(), checked_mul(OP, &[k, k])?, shape)?;
+        check_xtx(OP, x.len(), h.len(), m, k)?;
         if m == 0 || k == 0 {
             return Ok(());
         }

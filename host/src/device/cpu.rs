@@ -5,7 +5,7 @@ use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::{check_len, checked_mul, AttnShape, Device, DeviceError};
+use super::{check_len, check_matmul_t, check_xtx, checked_mul, AttnShape, Device, DeviceError};
 
 /// Elementwise ops below this many elements per rayon task are not worth splitting further.
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -54,11 +54,7 @@ impl Device for CpuDevice {
         k: usize,
         n: usize,
     ) -> Result<(), DeviceError> {
-        const OP: &str = "matmul_t";
-        let shape = || format!("x [m={m}, k={k}], w [n={n}, k={k}], out [m={m}, n={n}]");
-        check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
-        check_len(OP, "w", w.len(), checked_mul(OP, &[n, k])?, shape)?;
-        check_len(OP, "out", out.len(), checked_mul(OP, &[m, n])?, shape)?;
+        check_matmul_t(x.len(), w.len(), out.len(), (m, k, n))?;
         gemm_xwt(x, w, out, m, k, n, self.par);
         Ok(())
     }
@@ -234,9 +230,7 @@ impl Device for CpuDevice {
         h: &mut [f32],
     ) -> Result<(), DeviceError> {
         const OP: &str = "xtx_accumulate";
-        let shape = || format!("x [m={m}, k={k}], h [k={k}, k={k}]");
-        check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
-        check_len(OP, "h", h.len(), checked_mul(OP, &[k, k])?, shape)?;
+        check_xtx(OP, x.len(), h.len(), m, k)?;
         syrk_lower_add(x, h, m, k, self.par);
         Ok(())
     }
@@ -249,9 +243,7 @@ impl Device for CpuDevice {
         h: &mut [f64],
     ) -> Result<(), DeviceError> {
         const OP: &str = "xtx_accumulate_f64";
-        let shape = || format!("x [m={m}, k={k}], h [k={k}, k={k}]");
-        check_len(OP, "x", x.len(), checked_mul(OP, &[m, k])?, shape)?;
-        check_len(OP, "h", h.len(), checked_mul(OP, &[k, k])?, shape)?;
+        check_xtx(OP, x.len(), h.len(), m, k)?;
         if k == 0 {
             return Ok(());
         }

@@ -151,6 +151,33 @@ pub trait Device: Send + Sync {
     ) -> Result<(), DeviceError>;
 }
 
+/// The operand lengths of `matmul_t`: `x [m, k]`, `w [n, k]`, `out [m, n]`.
+pub(crate) fn check_matmul_t(
+    x: usize,
+    w: usize,
+    out: usize,
+    (m, k, n): (usize, usize, usize),
+) -> Result<(), DeviceError> {
+    const OP: &str = "matmul_t";
+    let shape = || format!("x [m={m}, k={k}], w [n={n}, k={k}], out [m={m}, n={n}]");
+    check_len(OP, "x", x, checked_mul(OP, &[m, k])?, shape)?;
+    check_len(OP, "w", w, checked_mul(OP, &[n, k])?, shape)?;
+    check_len(OP, "out", out, checked_mul(OP, &[m, n])?, shape)
+}
+
+/// The operand lengths of the `XᵀX` accumulations `op`: `x [m, k]`, `h [k, k]`.
+pub(crate) fn check_xtx(
+    op: &'static str,
+    x: usize,
+    h: usize,
+    m: usize,
+    k: usize,
+) -> Result<(), DeviceError> {
+    let shape = || format!("x [m={m}, k={k}], h [k={k}, k={k}]");
+    check_len(op, "x", x, checked_mul(op, &[m, k])?, shape)?;
+    check_len(op, "h", h, checked_mul(op, &[k, k])?, shape)
+}
+
 /// `Err` unless `found == expected`.
 pub(crate) fn check_len(
     op: &'static str,
