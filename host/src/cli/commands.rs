@@ -1073,13 +1073,7 @@ fn fingerprint(
         .zip(&manifest.pipeline)
         .map(|(s, st)| format!("{} {} {}", s.name, s.plugin.sha256, st.params_text()))
         .collect();
-    let tokens = calibration.map_or_else(String::new, |w| {
-        hex(&w
-            .ids()
-            .iter()
-            .flat_map(|i| i.to_le_bytes())
-            .collect::<Vec<u8>>())
-    });
+    let tokens = calibration.map_or_else(String::new, tokens_sha256);
     let parts = [
         ("gs-host", env!("CARGO_PKG_VERSION").to_string()),
         ("manifest", hex(text.as_bytes())),
@@ -1091,6 +1085,13 @@ fn fingerprint(
     Ok(Fingerprint {
         parts: parts.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     })
+}
+
+/// Hex sha256 of the windows' token ids (little-endian u32s): the run record's and the
+/// checkpoint fingerprint's identity of the calibration data.
+fn tokens_sha256(w: &Windows) -> String {
+    let bytes: Vec<u8> = w.ids().iter().flat_map(|i| i.to_le_bytes()).collect();
+    format!("{:x}", Sha256::digest(bytes))
 }
 
 fn provenance(
@@ -1121,7 +1122,7 @@ fn provenance(
             "nsamples": w.n(),
             "seqlen": w.seqlen(),
             "seed": c.seed,
-            "tokens_sha256": format!("{:x}", Sha256::digest(w.ids().iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())),
+            "tokens_sha256": tokens_sha256(w),
             "sequential": manifest.run.sequential,
         }),
         _ => serde_json::Value::Null,
